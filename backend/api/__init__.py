@@ -1,0 +1,25 @@
+"""Flask application factory: ``create_app(settings)``; gunicorn runs ``backend.api:create_app()``."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+
+from backend.settings import Settings
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    from backend.api import auth, errors, routes
+    from backend.api.state import AppState
+
+    settings = settings or Settings.from_env()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = Flask("livetrain")
+    app.json.sort_keys = False
+    # The model is loaded here, once per process, so /health answers within Label Studio's 1 s.
+    app.extensions["livetrain"] = AppState.build(settings)
+    auth.init_app(app, settings.basic_auth)
+    errors.init_app(app)
+    app.register_blueprint(routes.bp)
+    return app

@@ -1,0 +1,27 @@
+"""Every error leaves as JSON with a message a person can act on; nothing as a bare HTML 500."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+from backend.errors import LivetrainError
+
+log = logging.getLogger(__name__)
+
+
+def init_app(app: Flask) -> None:
+    @app.errorhandler(LivetrainError)
+    def livetrain_error(exc: LivetrainError):
+        return jsonify(error=exc.message), exc.status
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        return jsonify(error=f"{exc.name}: {exc.description}"), exc.code
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        log.exception("unhandled error")
+        return jsonify(error=f"internal error ({type(exc).__name__}: {exc}); see the backend log"), 500

@@ -1,0 +1,34 @@
+"""What one web process holds: settings, starting weights, the model pool and the predictor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import current_app
+
+from backend.inference.predictor import ModelPool, Predictor, pick_device
+from backend.labelstudio.images import ImageFetcher
+from backend.model_store.weights import StartingWeights, resolve_starting_weights
+from backend.settings import Settings
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    starting: StartingWeights
+    fetcher: ImageFetcher
+    predictor: Predictor
+
+    @classmethod
+    def build(cls, settings: Settings) -> "AppState":
+        starting = resolve_starting_weights(
+            settings.model_arch, settings.weights_path, settings.weights_sha256, settings.download_weights
+        )
+        fetcher = ImageFetcher(settings)
+        pool = ModelPool(starting, pick_device(settings.device))
+        predictor = Predictor(pool, fetcher, settings.score_threshold, settings.max_detections)
+        return cls(settings, starting, fetcher, predictor)
+
+
+def state() -> AppState:
+    return current_app.extensions["livetrain"]

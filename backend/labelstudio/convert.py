@@ -1,0 +1,52 @@
+"""Conversion between Label Studio results (percent coordinates) and pixel tensors."""
+
+from __future__ import annotations
+
+import uuid
+
+from backend.labelstudio.label_config import ControlTag
+
+
+def region_id() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+def box_to_region(box, label: str, score: float, width: int, height: int, control: ControlTag) -> dict | None:
+    """One pixel box ``(x1, y1, x2, y2)`` as a Label Studio ``rectanglelabels`` region.
+
+    Label Studio stores x/y/width/height as percentages of the original image size. The box is clipped
+    to the image; a box with no area after clipping gives None.
+    """
+    x1, y1, x2, y2 = (float(v) for v in box)
+    x1, x2 = max(0.0, min(x1, width)), max(0.0, min(x2, width))
+    y1, y2 = max(0.0, min(y1, height)), max(0.0, min(y2, height))
+    if x2 <= x1 or y2 <= y1:
+        return None
+    return {
+        "id": region_id(),
+        "from_name": control.from_name,
+        "to_name": control.to_name,
+        "type": "rectanglelabels",
+        "original_width": int(width),
+        "original_height": int(height),
+        "image_rotation": 0,
+        "value": {
+            "x": x1 / width * 100.0,
+            "y": y1 / height * 100.0,
+            "width": (x2 - x1) / width * 100.0,
+            "height": (y2 - y1) / height * 100.0,
+            "rotation": 0,
+            "rectanglelabels": [label],
+        },
+        "score": float(score),
+    }
+
+
+def region_to_box(region: dict, width: int | None = None, height: int | None = None) -> tuple[float, float, float, float]:
+    """Pixel box ``(x1, y1, x2, y2)`` of a ``rectanglelabels`` region (rotation ignored)."""
+    value = region["value"]
+    width = width or region["original_width"]
+    height = height or region["original_height"]
+    x1 = value["x"] / 100.0 * width
+    y1 = value["y"] / 100.0 * height
+    return (x1, y1, x1 + value["width"] / 100.0 * width, y1 + value["height"] / 100.0 * height)

