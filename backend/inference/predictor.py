@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -63,7 +64,11 @@ class ModelPool:
             if key in self._models:
                 self._models.move_to_end(key)
                 return self._models[key]
-            model = self.build(len(classes) + 1)
+            # A new head is random: seed it from the label set so every web process (and every restart)
+            # serves the same predictions for the same model_version.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(zlib.crc32("\n".join(classes).encode()))
+                model = self.build(len(classes) + 1)
             if hasattr(model, "roi_heads"):
                 model.roi_heads.score_thresh = RAW_SCORE_FLOOR
             loaded = LoadedModel(model.to(self.device).eval(), BASE_VERSION, classes, threading.Lock())

@@ -81,7 +81,10 @@ def verify_sha256(path: Path, expected: str | None) -> None:
 
 def load_detector_state(model: nn.Module, state: dict) -> None:
     """Load ``state`` into ``model``; only BatchNorm's ``num_batches_tracked`` may differ."""
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even when strict=False
+        raise WeightsError(f"weights do not fit this architecture: {str(exc).splitlines()[1].strip()}") from None
     bad = [k for k in list(result.missing_keys) + list(result.unexpected_keys) if not k.endswith("num_batches_tracked")]
     if bad:
         raise WeightsError(f"weights do not fit this architecture ({len(bad)} mismatched keys, e.g. {bad[:3]})")

