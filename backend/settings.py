@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Mapping
 
 ARCHITECTURES = (
+    "auto",
+    "fasterrcnn_lite0_fpn",
     "fasterrcnn_mobilenet_v3_large_320_fpn",
     "fasterrcnn_mobilenet_v3_large_fpn",
     "fasterrcnn_resnet50_fpn_v2",
@@ -45,7 +47,7 @@ class Settings:
     basic_auth_pass: str = field(default="", metadata={"env": "BASIC_AUTH_PASS", "doc": "Password for Basic auth."})
     log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL", "doc": "Python logging level."})
     # Model
-    model_arch: str = field(default="fasterrcnn_mobilenet_v3_large_320_fpn", metadata={"env": "MODEL_ARCH", "doc": "Detector architecture: " + ", ".join(ARCHITECTURES) + "."})
+    model_arch: str = field(default="auto", metadata={"env": "MODEL_ARCH", "doc": "Detector architecture: " + ", ".join(ARCHITECTURES) + ". `auto`: COCO-pretrained fasterrcnn_mobilenet_v3_large_320_fpn when its weights can be had, else fasterrcnn_lite0_fpn with the offline ImageNet backbone."})
     weights_path: str = field(default="", metadata={"env": "WEIGHTS_PATH", "doc": "Local starting weights (a torchvision COCO detector file). Tried first."})
     weights_sha256: str = field(default="", metadata={"env": "WEIGHTS_SHA256", "doc": "Expected sha256 of WEIGHTS_PATH; when empty, the hash torchvision publishes for that file name is used if known."})
     download_weights: bool = field(default=True, metadata={"env": "DOWNLOAD_WEIGHTS", "doc": "Try torchvision's COCO weights (cache in TORCH_HOME, else download) when WEIGHTS_PATH is unset."})

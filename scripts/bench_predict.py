@@ -5,14 +5,13 @@ measured in one run. Prints the ratio; the target is <= 1.25 on CPU.
     python scripts/bench_predict.py [--image PATH] [--runs 30] [--arch fasterrcnn_mobilenet_v3_large_320_fpn]
 
 Without --image it uses a BCCD photo from ../shared/datasets when present, else a generated picture.
-The two measurements run one after the other (the server idles while the bare model runs), with the
-same torch thread count, so they compete for no cores.
+The two are interleaved (one /predict, then one bare forward, repeated) so that drift in the machine's
+speed hits both alike; the server idles while the bare model runs, so they compete for no cores.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import http.server
 import io
 import os
@@ -37,6 +36,9 @@ sys.path.insert(0, str(ROOT))
 from backend.inference.predictor import ModelPool, image_to_tensor  # noqa: E402
 from backend.model_store.weights import resolve_starting_weights  # noqa: E402
 
+# After a forward, torch's OpenMP threads spin-wait for more work for a while; a pause between the
+# two measurements keeps one process's spinning threads from slowing the other's forward.
+QUIET_S = 0.3
 CONFIG = """<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">
 <Label value="WBC"/><Label value="RBC"/><Label value="Platelets"/></RectangleLabels></View>"""
 
@@ -80,68 +82,72 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def time_http(url: str, port: int, runs: int, arch: str, model_dir: str) -> list[float]:
-    env = dict(os.environ, MODEL_DIR=model_dir, MODEL_ARCH=arch, LOG_LEVEL="WARNING", THREADS="4")
+def start_server(port: int, arch: str, model_dir: str) -> subprocess.Popen:
+    env = dict(os.environ, MODEL_DIR=model_dir, MODEL_ARCH=arch, LOG_LEVEL="WARNING")
     proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--port", str(port), "--no-worker"],
                             cwd=ROOT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                requests.get(base + "/health", timeout=5).raise_for_status()
-                break
-            except requests.RequestException:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-        payload = {"tasks": [{"id": 1, "data": {"image": url}}], "project": "1.1", "label_config": CONFIG}
-        session = requests.Session()
-        for _ in range(3):  # warm-up: builds the project's model, fills the image cache
-            session.post(base + "/predict", json=payload, timeout=120).raise_for_status()
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            reply = session.post(base + "/predict", json=payload, timeout=120)
-            times.append(time.perf_counter() - start)
-            reply.raise_for_status()
-        return times
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            requests.get(f"http://127.0.0.1:{port}/health", timeout=5).raise_for_status()
+            return proc
+        except requests.RequestException:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                raise RuntimeError("livetrain serve did not come up")
+            time.sleep(0.5)
 
 
-def time_forward(body: bytes, runs: int, arch: str) -> list[float]:
+def bare_model(body: bytes, arch: str):
+    """The very model the server builds for this label config (same weights, seeded head, post-processing)."""
     weights = resolve_starting_weights(arch, os.environ.get("WEIGHTS_PATH", ""), os.environ.get("WEIGHTS_SHA256", ""),
                                        download=os.environ.get("DOWNLOAD_WEIGHTS", "true").lower() != "false")
-    # the very model the server builds for this label config (same seeded head, same post-processing)
     model = ModelPool(weights, torch.device("cpu")).get("1", ("WBC", "RBC", "Platelets")).model
-    tensor = image_to_tensor(Image.open(io.BytesIO(body)).convert("RGB"))
-    times = []
-    with torch.inference_mode():
-        for i in range(runs + 3):
-            start = time.perf_counter()
-            model([tensor])
-            if i >= 3:
-                times.append(time.perf_counter() - start)
-    return times
+    return weights.arch, model, image_to_tensor(Image.open(io.BytesIO(body)).convert("RGB"))
+
+
+def measure(url: str, port: int, runs: int, arch: str, body: bytes) -> tuple[str, list[float], list[float]]:
+    """Alternate one /predict and one bare forward, so drift in machine speed hits both alike."""
+    name, model, tensor = bare_model(body, arch)
+    with tempfile.TemporaryDirectory() as model_dir:
+        proc = start_server(port, arch, model_dir)
+        try:
+            base = f"http://127.0.0.1:{port}/predict"
+            payload = {"tasks": [{"id": 1, "data": {"image": url}}], "project": "1.1", "label_config": CONFIG}
+            session = requests.Session()
+            http_times, forward_times = [], []
+            with torch.inference_mode():
+                for i in range(runs + 3):  # 3 warm-ups: the server builds its model, fills the image cache
+                    start = time.perf_counter()
+                    session.post(base, json=payload, timeout=120).raise_for_status()
+                    http_s = time.perf_counter() - start
+                    time.sleep(QUIET_S)
+                    start = time.perf_counter()
+                    model([tensor])
+                    forward_s = time.perf_counter() - start
+                    time.sleep(QUIET_S)
+                    if i >= 3:
+                        http_times.append(http_s)
+                        forward_times.append(forward_s)
+            return name, http_times, forward_times
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image")
     parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--arch", default=os.environ.get("MODEL_ARCH", "fasterrcnn_mobilenet_v3_large_320_fpn"))
+    parser.add_argument("--arch", default=os.environ.get("MODEL_ARCH", "auto"))
     args = parser.parse_args()
     body = bench_image(args.image)
     httpd, url = serve_file(body)
-    with tempfile.TemporaryDirectory() as model_dir:
-        http_times = time_http(url, free_port(), args.runs, args.arch, model_dir)
+    arch, http_times, forward_times = measure(url, free_port(), args.runs, args.arch, body)
     httpd.shutdown()
-    forward_times = time_forward(body, args.runs, args.arch)
     http_ms = 1000 * statistics.median(http_times)
     forward_ms = 1000 * statistics.median(forward_times)
-    print(f"arch={args.arch} threads={torch.get_num_threads()} runs={args.runs} image=640x480")
+    print(f"arch={arch} threads={torch.get_num_threads()} runs={args.runs} image=640x480")
     print(f"/predict via HTTP (gunicorn):   median {http_ms:7.1f} ms")
     print(f"bare model forward:             median {forward_ms:7.1f} ms")
     print(f"ratio /predict / forward = {http_ms / forward_ms:.3f} (target <= 1.25)")

