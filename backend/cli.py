@@ -58,11 +58,52 @@ def worker(args: argparse.Namespace) -> int:
 
     from backend.jobs.connection import connect
     from backend.jobs.queue import job_queue
+    from backend.jobs.training import queue_known_projects
 
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     connection = connect(settings)
+    queued = queue_known_projects(settings, connection)  # catch up with what happened while no worker ran
+    if queued:
+        log.info("queued a full sync and round for project(s) %s", ", ".join(queued))
     Worker([job_queue(connection)], connection=connection).work(with_scheduler=False)
+    return 0
+
+
+def versions(args: argparse.Namespace) -> int:
+    from backend.model_store.versions import VersionStore
+
+    store = VersionStore(Settings.from_env().model_dir, args.project)
+    for meta in store.list():
+        mark = "*" if meta["active"] else " "
+        quality = f"{meta['quality']:.3f}" if isinstance(meta.get("quality"), float) else "-"
+        print(f"{mark} {meta['name']:<32} images={meta.get('images')} loss={meta.get('losses', {}).get('loss')} quality={quality}")
+    return 0
+
+
+def rollback(args: argparse.Namespace) -> int:
+    from backend.errors import LivetrainError
+    from backend.model_store.versions import VersionStore
+
+    try:
+        VersionStore(Settings.from_env().model_dir, args.project).set_active(args.version)
+    except LivetrainError as exc:
+        print(f"livetrain: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"project {args.project} now serves {args.version}")
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    from backend.jobs.connection import connect
+    from backend.jobs.training import enqueue_training, wait_for_idle
+
+    settings = Settings.from_env()
+    connection = connect(settings)
+    queued = enqueue_training(connection, args.project, full=True)
+    print("queued a round" if queued else "a round is already pending")
+    if args.wait:
+        print(wait_for_idle(connection, args.project, timeout=args.wait))
     return 0
 
 
@@ -81,6 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=serve)
     sub.add_parser("worker", help="run an RQ worker for training jobs").set_defaults(func=worker)
     sub.add_parser("settings", help="print every setting with its default").set_defaults(func=show_settings)
+    p = sub.add_parser("versions", help="list a project's model versions (* = active)")
+    p.add_argument("project")
+    p.set_defaults(func=versions)
+    p = sub.add_parser("rollback", help="make an earlier version the active one")
+    p.add_argument("project")
+    p.add_argument("version")
+    p.set_defaults(func=rollback)
+    p = sub.add_parser("train", help="full sync from Label Studio and a training round, now")
+    p.add_argument("project")
+    p.add_argument("--wait", type=float, default=0, help="wait up to this many seconds for the round to finish")
+    p.set_defaults(func=train)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -31,3 +31,9 @@ class ImageError(LivetrainError):
 
 class WeightsError(LivetrainError):
     """A weights file is missing, has the wrong hash, or does not fit the model."""
+
+
+class ServiceUnavailable(LivetrainError):
+    """A service livetrain depends on (Redis, Label Studio) cannot be reached right now."""
+
+    status = 503

@@ -52,6 +52,19 @@ class Settings:
     weights_sha256: str = field(default="", metadata={"env": "WEIGHTS_SHA256", "doc": "Expected sha256 of WEIGHTS_PATH; when empty, the hash torchvision publishes for that file name is used if known."})
     download_weights: bool = field(default=True, metadata={"env": "DOWNLOAD_WEIGHTS", "doc": "Try torchvision's COCO weights (cache in TORCH_HOME, else download) when WEIGHTS_PATH is unset."})
     device: str = field(default="auto", metadata={"env": "DEVICE", "doc": "`auto` (CUDA when available), `cpu` or `cuda`."})
+    min_size: int = field(default=0, metadata={"env": "MIN_SIZE", "doc": "Shorter image side the detector works at; 0 = the architecture's default (320 for the CPU models)."})
+    # Live training
+    min_annotations: int = field(default=3, metadata={"env": "MIN_ANNOTATIONS", "doc": "No model version is published before this many labeled images exist; until then /predict returns empty results (or COCO detections whose class names match the project's labels)."})
+    train_on: str = field(default="annotation", metadata={"env": "TRAIN_ON", "doc": "`annotation`: any annotation webhook (created/updated/deleted, START_TRAINING) queues a round; `start_training`: only START_TRAINING does (LS's 'Start model training on annotation submission' or Start Training button)."})
+    train_steps: int = field(default=60, metadata={"env": "TRAIN_STEPS", "doc": "Optimizer steps per training round."})
+    batch_size: int = field(default=2, metadata={"env": "BATCH_SIZE", "doc": "Images per training step."})
+    learning_rate: float = field(default=0.01, metadata={"env": "LEARNING_RATE", "doc": "Peak SGD learning rate (warm-up, then cosine decay within each round)."})
+    train_mode: str = field(default="auto", metadata={"env": "TRAIN_MODE", "doc": "`heads` (backbone frozen), `full`, or `auto` (heads until FULL_AFTER images, then full)."})
+    full_after: int = field(default=20, metadata={"env": "FULL_AFTER", "doc": "With TRAIN_MODE=auto: labeled images needed before the backbone is trained too."})
+    new_fraction: float = field(default=0.5, metadata={"env": "NEW_FRACTION", "doc": "Share of each round's samples drawn from images added since the last version (the rest replays all images, so earlier classes are not forgotten)."})
+    keep_versions: int = field(default=5, metadata={"env": "KEEP_VERSIONS", "doc": "Versions kept per project (plus the best and the active one)."})
+    checkpoint_every: int = field(default=20, metadata={"env": "CHECKPOINT_EVERY", "doc": "Steps between in-round checkpoints (a killed round resumes from the last one)."})
+    lock_ttl: float = field(default=60.0, metadata={"env": "LOCK_TTL", "doc": "Seconds a dead worker's project lock survives; a live worker renews it while training."})
     # Prediction
     score_threshold: float = field(default=0.5, metadata={"env": "SCORE_THRESHOLD", "doc": "Regions below this score are not returned. A tag's `model_score_threshold` attribute overrides it."})
     max_detections: int = field(default=100, metadata={"env": "MAX_DETECTIONS", "doc": "At most this many regions per image."})
@@ -89,6 +102,14 @@ class Settings:
             raise ValueError("SCORE_THRESHOLD must be between 0 and 1")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError("DEVICE must be auto, cpu or cuda")
+        if self.train_mode not in ("auto", "heads", "full"):
+            raise ValueError("TRAIN_MODE must be auto, heads or full")
+        if self.train_on not in ("annotation", "start_training"):
+            raise ValueError("TRAIN_ON must be annotation or start_training")
+        if self.min_annotations < 1 or self.train_steps < 1 or self.batch_size < 1:
+            raise ValueError("MIN_ANNOTATIONS, TRAIN_STEPS and BATCH_SIZE must be at least 1")
+        if not 0.0 <= self.new_fraction <= 1.0:
+            raise ValueError("NEW_FRACTION must be between 0 and 1")
 
     @property
     def image_cache_dir(self) -> Path:

@@ -33,7 +33,10 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from backend.inference.predictor import ModelPool, image_to_tensor  # noqa: E402
+from backend.inference.predictor import RAW_SCORE_FLOOR  # noqa: E402
+from backend.labelstudio.convert import image_to_tensor  # noqa: E402
+from backend.model_store.models import model_from_version  # noqa: E402
+from backend.model_store.versions import VersionStore  # noqa: E402
 from backend.model_store.weights import resolve_starting_weights  # noqa: E402
 
 # After a forward, torch's OpenMP threads spin-wait for more work for a while; a pause between the
@@ -98,18 +101,26 @@ def start_server(port: int, arch: str, model_dir: str) -> subprocess.Popen:
             time.sleep(0.5)
 
 
-def bare_model(body: bytes, arch: str):
-    """The very model the server builds for this label config (same weights, seeded head, post-processing)."""
+def publish_version(model_dir: str, arch: str):
+    """Publish one version of the starting model (new head) for project 1, as a training round would,
+    and return (architecture, the same model as the server will load it)."""
     weights = resolve_starting_weights(arch, os.environ.get("WEIGHTS_PATH", ""), os.environ.get("WEIGHTS_SHA256", ""),
                                        download=os.environ.get("DOWNLOAD_WEIGHTS", "true").lower() != "false")
-    model = ModelPool(weights, torch.device("cpu")).get("1", ("WBC", "RBC", "Platelets")).model
-    return weights.arch, model, image_to_tensor(Image.open(io.BytesIO(body)).convert("RGB"))
+    classes = ["WBC", "RBC", "Platelets"]
+    torch.manual_seed(0)
+    store = VersionStore(Path(model_dir), "1")
+    name = store.publish(weights.build(len(classes) + 1).state_dict(), {"arch": weights.arch, "classes": classes}, "bench")
+    state, meta = store.load(name)
+    model = model_from_version(state, meta).eval()
+    model.roi_heads.score_thresh = RAW_SCORE_FLOOR  # the server's post-processing
+    return weights.arch, model
 
 
 def measure(url: str, port: int, runs: int, arch: str, body: bytes) -> tuple[str, list[float], list[float]]:
     """Alternate one /predict and one bare forward, so drift in machine speed hits both alike."""
-    name, model, tensor = bare_model(body, arch)
+    tensor = image_to_tensor(Image.open(io.BytesIO(body)).convert("RGB"))
     with tempfile.TemporaryDirectory() as model_dir:
+        name, model = publish_version(model_dir, arch)
         proc = start_server(port, arch, model_dir)
         try:
             base = f"http://127.0.0.1:{port}/predict"

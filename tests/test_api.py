@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 
 from backend.api import create_app
+from backend.inference.predictor import LoadedModel
+from backend.model_store.versions import VersionStore
 from backend.settings import Settings
 from tests.conftest import BOX_CONFIG, png_bytes
 
@@ -58,6 +60,12 @@ class BoxAt(torch.nn.Module):
                 "scores": torch.tensor([self.score, 0.2]),
             })
         return out
+
+
+def serve(app, network, classes=None):
+    """Make every project serve ``network`` as version test-v1 (classes default to the config's labels)."""
+    app.extensions["livetrain"].predictor.pool.loader = lambda project, control: LoadedModel(
+        network, "test-v1", classes or control.labels)
 
 
 def test_health_reports_model_and_weights(client):
@@ -112,14 +120,26 @@ def test_malformed_json_is_a_clear_400(client):
     assert reply.status_code == 400 and "project" in reply.get_json()["error"]
 
 
-def test_predict_shape_with_the_real_model(client, image_server):
+def test_cold_start_predicts_nothing(client, image_server):
+    # no version yet, and the ImageNet backbone has no detector head whose classes could match
+    url = image_server.add("/a.png", png_bytes(64, 48))
+    results = client.post("/predict", json=predict_payload(url, url)).get_json()["results"]
+    assert results == [{"result": [], "score": None, "model_version": "livetrain-base"}] * 2
+    assert image_server.requests == []  # nothing to run, so nothing fetched
+
+
+def test_predict_shape_with_a_published_version(app, client, image_server):
+    torch.manual_seed(0)
+    starting = app.extensions["livetrain"].starting
+    VersionStore(app.extensions["livetrain"].settings.model_dir, "7").publish(
+        starting.build(3).state_dict(), {"arch": starting.arch, "classes": ["Square", "Disc"]}, "cells")
     urls = [image_server.add(f"/img{i}.png", png_bytes(640, 480, seed=i)) for i in range(3)]
     reply = client.post("/predict", json=predict_payload(*urls))
     assert reply.status_code == 200
     results = reply.get_json()["results"]
     assert len(results) == 3
     for result in results:
-        assert result["model_version"] == "livetrain-base"
+        assert result["model_version"] == "cells-v1"
         assert 0.5 <= result["score"] <= 1.0
         for region in result["result"]:
             assert region["score"] >= 0.5  # the tag's model_score_threshold
@@ -130,7 +150,7 @@ def test_predict_shape_with_the_real_model(client, image_server):
 
 def test_box_at_known_pixels_comes_back_at_right_percentages(app, image_server):
     client = app.test_client()
-    app.extensions["livetrain"].predictor.pool.build = lambda num_classes: BoxAt([64.0, 48.0, 320.0, 240.0], label=2, score=0.9)
+    serve(app, BoxAt([64.0, 48.0, 320.0, 240.0], label=2, score=0.9))
     url = image_server.add("/upload/a.png", png_bytes(640, 480))
     reply = client.post("/predict", json=predict_payload(url))
     result = reply.get_json()["results"][0]
@@ -150,8 +170,7 @@ def test_box_at_known_pixels_comes_back_at_right_percentages(app, image_server):
 def test_predicted_values_map_model_classes(app, image_server):
     config = BOX_CONFIG.replace('<Label value="Disc" background="blue"/>', '<Label value="Round" predicted_values="Disc"/>')
     client = app.test_client()
-    pool = app.extensions["livetrain"].predictor.pool
-    pool.build = lambda num_classes: BoxAt([0.0, 0.0, 32.0, 24.0], label=2, score=0.95)
+    serve(app, BoxAt([0.0, 0.0, 32.0, 24.0], label=2, score=0.95), classes=("Square", "Disc"))
     url = image_server.add("/b.png", png_bytes(64, 48))
     result = client.post("/predict", json=predict_payload(url, config=config)).get_json()["results"][0]
     assert result["result"][0]["value"]["rectanglelabels"] == ["Round"]
@@ -159,6 +178,7 @@ def test_predicted_values_map_model_classes(app, image_server):
 
 def test_bad_images_get_empty_predictions_not_a_failed_batch(tmp_path, image_server):
     app = create_app(make_settings(tmp_path, max_image_pixels=1_000_000))
+    serve(app, BoxAt([0.0, 0.0, 5.0, 5.0], label=1, score=0.9))
     client = app.test_client()
     good = image_server.add("/good.png", png_bytes(64, 48))
     missing = image_server.url + "/missing.png"
@@ -170,11 +190,11 @@ def test_bad_images_get_empty_predictions_not_a_failed_batch(tmp_path, image_ser
     assert len(results) == 4
     assert results[0]["score"] is not None
     for failed in results[1:]:
-        assert failed["result"] == [] and failed["score"] is None and failed["model_version"] == "livetrain-base"
+        assert failed["result"] == [] and failed["score"] is None and failed["model_version"] == "test-v1"
 
 
 def test_exif_rotated_image_uses_displayed_size(app, image_server):
-    app.extensions["livetrain"].predictor.pool.build = lambda n: BoxAt([0.0, 0.0, 24.0, 32.0], label=1, score=0.9)
+    serve(app, BoxAt([0.0, 0.0, 24.0, 32.0], label=1, score=0.9))
     image = Image.fromarray(np.zeros((48, 64, 3), dtype=np.uint8))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90: browsers (and Label Studio) show it 48 wide, 64 high
@@ -220,7 +240,7 @@ def test_webhook_accepts_every_event(client):
 
 
 def test_versions(client):
-    assert client.get("/versions").get_json() == {"versions": ["livetrain-base"]}
+    assert client.get("/versions").get_json() == {"versions": ["livetrain-base"], "details": {}}
 
 
 def test_unknown_route_is_json(client):

@@ -6,15 +6,19 @@ import json
 import logging
 import time
 
+import redis
 from flask import Blueprint, jsonify, request
 
 from backend import __version__
 from backend.api.state import state
-from backend.errors import BadRequest
+from backend.errors import BadRequest, ServiceUnavailable
 from backend.inference.predictor import BASE_VERSION
 from backend.jobs.connection import ping
+from backend.jobs.state import ProjectState, known_projects, save_ls_fallback
+from backend.jobs.training import enqueue_training
 from backend.labelstudio.label_config import parse_label_config
 from backend.labelstudio.protocol import project_id
+from backend.model_store.versions import VersionStore
 
 log = logging.getLogger(__name__)
 bp = Blueprint("livetrain", __name__)
@@ -40,6 +44,7 @@ def health():
         status="UP",
         model_class=starting.arch,
         model_version=BASE_VERSION,
+        active_versions=active_versions(app.settings.model_dir),
         pretrained=starting.pretrained,
         weights_source=starting.source,
         weights_detail=starting.detail,
@@ -49,12 +54,20 @@ def health():
     )
 
 
+def active_versions(model_dir) -> dict:
+    return {p.name: VersionStore(model_dir, p.name).active() for p in sorted(model_dir.glob("*")) if (p / "ACTIVE").is_file()}
+
+
 @bp.post("/setup")
 def setup():
     body = json_body()
     project = project_id(body.get("project"))
     parse_label_config(body.get("schema"))  # a 400 here tells the user at connect time
     state().fetcher.set_fallback(body.get("hostname"), body.get("access_token"))
+    try:  # the worker may need them too (when LABEL_STUDIO_URL / _API_KEY are not set)
+        save_ls_fallback(state().redis, body.get("hostname"), body.get("access_token"))
+    except redis.RedisError as exc:
+        log.warning("could not share Label Studio's address with the worker: %s", exc)
     return jsonify(model_version=state().predictor.version(project))
 
 
@@ -72,16 +85,80 @@ def predict():
     return jsonify(results=results)
 
 
+# Events that change annotations; each queues a round (coalesced) unless TRAIN_ON=start_training.
+ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED", "TASKS_DELETED")
+
+
 @bp.post("/webhook")
 def webhook():
+    """Record what changed and queue a round; answers in milliseconds. The payload is only a hint: the
+    worker reads annotations from Label Studio, so a forged webhook cannot inject training data."""
     body = json_body()
     action = body.get("action")
     if not isinstance(action, str) or not action:
         raise BadRequest("webhook payload has no 'action'")
-    log.info("webhook %s", action)
-    return jsonify(status="ok", action=action)
+    if action != "START_TRAINING" and action not in ANNOTATION_EVENTS:
+        return jsonify(status="ignored", action=action)
+    project = project_id(body.get("project") or (body.get("annotation") or {}).get("project"))
+    tasks = [t.get("id") for t in [body.get("task") or {}] + list(body.get("tasks") or []) if isinstance(t, dict) and t.get("id")]
+    deleted = [a.get("id") for a in body.get("annotations") or [] if isinstance(a, dict) and a.get("id")] if action == "ANNOTATIONS_DELETED" else []
+    settings = state().settings
+    try:
+        ProjectState(state().redis, project).mark(tasks, deleted)
+        queued = None
+        if action == "START_TRAINING" or settings.train_on == "annotation":
+            queued = enqueue_training(state().redis, project)
+    except redis.RedisError as exc:
+        raise ServiceUnavailable(f"cannot queue training, Redis is unavailable ({exc}). Nothing is lost: the worker "
+                                 "re-reads Label Studio at its next sync and on startup.") from None
+    return jsonify(status="ok", action=action, project=project, queued=queued is not None)
 
 
 @bp.get("/versions")
 def versions():
-    return jsonify(versions=[BASE_VERSION])
+    """``{"versions": [...]}`` for Label Studio (every project's, newest last); ``?project=ID`` for one,
+    with ``details`` (meta of each version, which one is active)."""
+    model_dir = state().settings.model_dir
+    wanted = request.args.get("project")
+    projects = [project_id(wanted)] if wanted else sorted(p.name for p in model_dir.glob("*") if (p / "versions").is_dir())
+    names, details = [BASE_VERSION], {}
+    for project in projects:
+        listed = VersionStore(model_dir, project).list()
+        names += [v["name"] for v in listed]
+        details[project] = [{k: v.get(k) for k in VERSION_FIELDS} for v in listed]
+    return jsonify(versions=names, details=details)
+
+
+VERSION_FIELDS = ("name", "active", "parent", "images", "new_images", "annotations", "classes", "mode", "steps",
+                  "losses", "quality", "duration_s", "published_at")
+
+
+@bp.post("/projects/<project>/rollback")
+def rollback(project):
+    """Serve an earlier version: ``{"version": "<name>"}``. Training continues from it."""
+    version = json_body().get("version")
+    if not isinstance(version, str) or not version:
+        raise BadRequest("body must be {\"version\": \"<name>\"}; GET /versions?project=ID lists them")
+    VersionStore(state().settings.model_dir, project_id(project)).set_active(version)
+    return jsonify(status="ok", project=project, active=version)
+
+
+@bp.post("/projects/<project>/train")
+def train(project):
+    """On demand: full sync from Label Studio, then a round (coalesced like webhooks)."""
+    project = project_id(project)
+    try:
+        queued = enqueue_training(state().redis, project, full=True)
+    except redis.RedisError as exc:
+        raise ServiceUnavailable(f"cannot queue training, Redis is unavailable ({exc})") from None
+    return jsonify(status="ok", project=project, queued=queued is not None)
+
+
+@bp.get("/status")
+def status():
+    """Per project: state, active version, labeled/trained images, last round, last error, progress."""
+    try:
+        projects = {p: ProjectState(state().redis, p).status() for p in known_projects(state().redis)}
+    except redis.RedisError as exc:
+        raise ServiceUnavailable(f"Redis is unavailable ({exc})") from None
+    return jsonify(projects=projects)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import redis
 from flask import current_app
 
-from backend.inference.predictor import ModelPool, Predictor, pick_device
+from backend.jobs.connection import connect
+
+from backend.inference.predictor import ModelPool, Predictor
+from backend.model_store.models import pick_device
 from backend.labelstudio.images import ImageFetcher
 from backend.model_store.weights import StartingWeights, resolve_starting_weights
 from backend.settings import Settings
@@ -18,6 +22,7 @@ class AppState:
     starting: StartingWeights
     fetcher: ImageFetcher
     predictor: Predictor
+    redis: redis.Redis
 
     @classmethod
     def build(cls, settings: Settings) -> "AppState":
@@ -25,9 +30,9 @@ class AppState:
             settings.model_arch, settings.weights_path, settings.weights_sha256, settings.download_weights
         )
         fetcher = ImageFetcher(settings)
-        pool = ModelPool(starting, pick_device(settings.device))
+        pool = ModelPool(starting, settings.model_dir, pick_device(settings.device), settings.min_size)
         predictor = Predictor(pool, fetcher, settings.score_threshold, settings.max_detections)
-        return cls(settings, starting, fetcher, predictor)
+        return cls(settings, starting, fetcher, predictor, connect(settings))
 
 
 def state() -> AppState:

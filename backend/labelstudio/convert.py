@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import uuid
 
+import numpy as np
+import torch
+
 from backend.labelstudio.label_config import ControlTag
 
 
@@ -50,3 +53,9 @@ def region_to_box(region: dict, width: int | None = None, height: int | None = N
     x1 = value["x"] / 100.0 * width
     y1 = value["y"] / 100.0 * height
     return (x1, y1, x1 + value["width"] / 100.0 * width, y1 + value["height"] / 100.0 * height)
+
+
+def image_to_tensor(image) -> torch.Tensor:
+    """RGB PIL image -> float tensor CxHxW in [0, 1] (what torchvision detectors take)."""
+    array = np.array(image, dtype=np.uint8)  # a writable copy: torch refuses to share read-only memory
+    return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)

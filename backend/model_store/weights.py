@@ -57,14 +57,19 @@ class StartingWeights:
     def pretrained(self) -> bool:
         return self.source != "random"
 
-    def build(self, num_classes: int) -> nn.Module:
+    def build(self, num_classes: int, **kwargs) -> nn.Module:
         """A detector with these weights and a new box predictor for ``num_classes`` (incl. background)."""
         if self.state_dict is None:
-            return build_detector(self.arch, num_classes, pretrained_backbone=self.source == "imagenet-lite0")
-        model = build_detector(self.arch, len(self.categories))
+            return build_detector(self.arch, num_classes, pretrained_backbone=self.source == "imagenet-lite0", **kwargs)
+        model = self.build_with_own_head(**kwargs)
+        replace_box_predictor(model, num_classes)
+        return model
+
+    def build_with_own_head(self, **kwargs) -> nn.Module:
+        """The pretrained detector as it is, with the head it was trained with (``categories``)."""
+        model = build_detector(self.arch, len(self.categories), **kwargs)
         load_detector_state(model, self.state_dict)
         freeze_batchnorm(model.backbone.body)
-        replace_box_predictor(model, num_classes)
         return model
 
 

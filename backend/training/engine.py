@@ -82,7 +82,7 @@ def train_steps(state: TrainState, batches: Iterator[tuple[list, list]], device:
         state.scheduler.step()
         state.step += 1
         state.images_seen += len(images)
-        state.last_losses = {k: float(v) for k, v in loss_dict.items()} | {"loss": float(loss)}
+        state.last_losses = {k: v.item() for k, v in loss_dict.items()} | {"loss": loss.item()}
         for k, v in state.last_losses.items():
             state.loss_sum[k] = state.loss_sum.get(k, 0.0) + v
         for hook in hooks:
