@@ -246,3 +246,13 @@ def test_versions(client):
 def test_unknown_route_is_json(client):
     reply = client.get("/nope")
     assert reply.status_code == 404 and "error" in reply.get_json()
+
+
+def test_redis_down_gives_clear_503_and_health_still_answers(tmp_path):
+    client = create_app(make_settings(tmp_path, redis_url="redis://127.0.0.1:1/0")).test_client()
+    reply = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1}, "task": {"id": 5}})
+    assert reply.status_code == 503
+    assert "Redis is unavailable" in reply.get_json()["error"] and "Nothing is lost" in reply.get_json()["error"]
+    health = client.get("/health")
+    assert health.status_code == 200 and health.get_json()["redis"].startswith("unavailable")
+    assert client.get("/status").status_code == 503
