@@ -160,7 +160,9 @@ def _train_locked(settings: Settings, connection: redis.Redis, state: ProjectSta
     if trained == {str(r.task_id): r.updated_at for r in records}:
         state.set_status(state="idle", waiting=None)
         return {"published": None, "reason": "nothing changed since " + active}
-    labels = control.labels if control is not None else tuple(store.meta(active)["classes"]) if active else ()
+    # Label Studio down: the labels are those of the active version plus any the synced annotations use
+    labels = control.labels if control is not None else tuple(dict.fromkeys(
+        [*(store.meta(active)["classes"] if active else []), *(label for r in records for label in r.labels)]))
     starting = resolve_starting_weights(settings.model_arch, settings.weights_path, settings.weights_sha256,
                                         settings.download_weights)
     state.set_status(state="training", waiting=None, progress={"step": 0, "steps": settings.train_steps})

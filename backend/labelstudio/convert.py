@@ -45,16 +45,6 @@ def box_to_region(box, label: str, score: float, width: int, height: int, contro
     }
 
 
-def region_to_box(region: dict, width: int | None = None, height: int | None = None) -> tuple[float, float, float, float]:
-    """Pixel box ``(x1, y1, x2, y2)`` of a ``rectanglelabels`` region (rotation ignored)."""
-    value = region["value"]
-    width = width or region["original_width"]
-    height = height or region["original_height"]
-    x1 = value["x"] / 100.0 * width
-    y1 = value["y"] / 100.0 * height
-    return (x1, y1, x1 + value["width"] / 100.0 * width, y1 + value["height"] / 100.0 * height)
-
-
 def image_to_tensor(image) -> torch.Tensor:
     """RGB PIL image -> float tensor CxHxW in [0, 1] (what torchvision detectors take)."""
     array = np.array(image, dtype=np.uint8)  # a writable copy: torch refuses to share read-only memory

@@ -12,7 +12,7 @@ from backend.training.coco import CocoImage
 
 
 @torch.inference_mode()
-def evaluate_map(model: torch.nn.Module, images: list[CocoImage], num_classes: int, device=torch.device("cpu")) -> dict:
+def evaluate_map(model: torch.nn.Module, images: list[CocoImage], num_classes: int, device: str = "cpu") -> dict:
     """``{"map50", "map", "ap50_per_class"}`` of ``model`` on ``images`` (classes 1..num_classes)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -22,7 +22,7 @@ def evaluate_map(model: torch.nn.Module, images: list[CocoImage], num_classes: i
     detections = []
     for image in images:
         gt["images"].append({"id": image.id, "width": image.width, "height": image.height})
-        for k, (box, label) in enumerate(zip(image.boxes, image.labels)):
+        for box, label in zip(image.boxes, image.labels):
             x1, y1, x2, y2 = box
             gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": image.id, "category_id": label,
                                       "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
