@@ -96,7 +96,9 @@ class Webhooks:
     """The two webhooks Label Studio 1.23.2 sends when an annotation is submitted, from captured payloads."""
 
     def __init__(self):
-        load = lambda action: json.loads((CAPTURED / f"POST_webhook_{action}.json").read_text())["json"]  # noqa: E731
+        def load(action: str) -> dict:
+            return json.loads((CAPTURED / f"POST_webhook_{action}.json").read_text())["json"]
+
         self.start_training, self.created = load("START_TRAINING"), load("ANNOTATION_CREATED")
 
     def on_submit(self, project: int, task: dict, annotation: dict) -> list[dict]:
@@ -170,7 +172,7 @@ class Server:
         return redis.Redis(unix_socket_path=self.registry()["unixsocket"], socket_timeout=10)
 
     def _children(self, pid: int) -> list[int]:
-        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False).stdout.split()
         return [int(p) for p in out]
 
     def _worker_pids(self) -> list[int]:
@@ -295,6 +297,7 @@ class Watcher(threading.Thread):
         try:  # which tasks it trained on: the version's own meta.json (the API reports only counts)
             disk = json.loads((self.model_dir / str(self.project) / "versions" / v["name"] / "meta.json").read_text())
             meta["tasks"] = sorted(int(t) for t in disk.get("trained_annotations", {}))
+            meta["trained_min_size"] = (disk.get("settings") or {}).get("min_size")
         except (OSError, ValueError):
             meta["tasks"] = None
         with self.lock:
@@ -479,6 +482,7 @@ def main() -> int:
         s["cold_start"] = s["n"] < min_annotations
 
     print()
+    print("rounds = versions published after the submit, up to and including the one that first served it")
     print(f"{'n':>3} {'task':>5} {'boxes':>5} {'submit_s':>8} {'served by':<24} {'images':>6} {'rounds':>6} "
           f"{'round_s':>7} {'freshness_s':>11}")
     for s in submits:
@@ -500,8 +504,12 @@ def main() -> int:
             per_step = (p[-1][0] - p[0][0]) / (p[-1][1] - p[0][1])
             step_s.append(per_step)
             setup_s.append(max(0.0, p[0][0] - r["t_start"] - per_step * p[0][1]))
-    fmt = lambda xs, f, digits=1: f"{f(xs):.{digits}f}" if xs else "n/a"  # noqa: E731
+    def fmt(xs, f, digits=1):
+        return f"{f(xs):.{digits}f}" if xs else "n/a"
+
+    sizes = sorted({m["trained_min_size"] for m in published if m.get("trained_min_size")})
     summary = {
+        "trained_min_size": sizes,
         "submits": len(submits), "pace_s": args.pace, "min_annotations": min_annotations,
         "train_steps": settings.train_steps, "min_size": settings.min_size, "model": health["model_class"],
         "weights": health["weights_source"], "cpus": os.cpu_count(),
@@ -517,7 +525,7 @@ def main() -> int:
     }
     print()
     print(f"model {summary['model']} ({summary['weights']}), TRAIN_STEPS={summary['train_steps']}, "
-          f"MIN_SIZE={summary['min_size']}, MIN_ANNOTATIONS={min_annotations}, {len(submits)} submits every "
+          f"MIN_SIZE={summary['min_size']} (trained at {'/'.join(map(str, sizes)) or '?'}), MIN_ANNOTATIONS={min_annotations}, {len(submits)} submits every "
           f"{args.pace:g} s, {summary['cpus']} CPUs")
     print(f"freshness (submit -> /predict serves a version trained on it), n >= {min_annotations}: "
           f"median {fmt(warm, statistics.median)} s, max {fmt(warm, max)} s over {len(warm)} submits"

