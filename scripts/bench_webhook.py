@@ -3,7 +3,7 @@ and whether the burst leaves exactly one queued training job per project (coales
 
 It starts the real server (`livetrain serve --no-worker`: gunicorn, embedded Redis, a temporary
 MODEL_DIR, DOWNLOAD_WEIGHTS=false) on a free 127.0.0.1 port, then sends --requests webhooks from
---concurrency client threads (each with its own keep-alive requests.Session). Payloads are Label
+--concurrency concurrent clients, each on its own keep-alive connection. Payloads are Label
 Studio 1.23.2's own (the "json" field of shared/label-studio/captured/POST_webhook_*.json) with the
 project and task ids rewritten: each simulated submit is START_TRAINING followed by
 ANNOTATION_CREATED, as Label Studio sends them, spread over --projects project ids.
@@ -14,13 +14,15 @@ from the same embedded Redis; no worker runs, so nothing drains it). PASS needs 
 (default 50), every answer 2xx and exactly one job per project.
 
     python scripts/bench_webhook.py [--requests 1000] [--concurrency 50] [--projects 4] \
-        [--workers 1] [--threads 8] [--client threads|asyncio] [--rate 0] [--out result.json]
+        [--workers 1] [--threads 8] [--client asyncio|threads] [--rate 0] [--out result.json]
 
 --workers/--threads are passed to gunicorn through WORKERS/THREADS (the defaults are livetrain's).
 By default the load is closed loop (each client sends its next webhook as soon as the last is answered),
 i.e. a saturation burst: by Little's law mean latency ~ concurrency / throughput, so the printed "mean
-requests in flight" says whether the clients really kept --concurrency requests outstanding (on a small
-machine Python client threads may not; --client asyncio costs far less client CPU per request).
+requests in flight" says whether the clients really kept --concurrency requests outstanding. The default
+asyncio client costs little CPU per request and keeps ~all of them in flight; with --client threads
+(requests.Session per thread) on 2 cores the GIL let anywhere from 5 to 46 of 50 be in flight, so its
+latencies swing from run to run with the client, not the server.
 --rate R makes it open loop instead: request i is due at i/R s and its latency counts from then.
 """
 
@@ -245,7 +247,10 @@ def run_burst_asyncio(url: str, payloads: list[tuple[str, int, bytes]], concurre
         return status, await reader.readexactly(length)
 
     async def client(deadline: float, start_gate: asyncio.Event):
-        reader = writer = None
+        try:  # connect before timing starts, as the threads client does
+            reader, writer = await asyncio.open_connection(host, int(port))
+        except OSError:
+            reader = writer = None
         await start_gate.wait()
         while time.monotonic() < deadline:
             i = next(cursor, None)
@@ -276,7 +281,7 @@ def run_burst_asyncio(url: str, payloads: list[tuple[str, int, bytes]], concurre
         gate = asyncio.Event()
         deadline = time.monotonic() + timeout
         tasks = [asyncio.create_task(client(deadline, gate)) for _ in range(concurrency)]
-        await asyncio.sleep(0)
+        await asyncio.sleep(0.5)  # let every client connect
         started = t0[0] = time.perf_counter()
         gate.set()
         await asyncio.wait_for(asyncio.gather(*tasks), timeout + 30)
@@ -301,9 +306,10 @@ def main() -> int:
     parser.add_argument("--projects", type=int, default=4, help="distinct project ids the webhooks name")
     parser.add_argument("--workers", type=int, default=1, help="gunicorn worker processes (env WORKERS)")
     parser.add_argument("--threads", type=int, default=8, help="gunicorn threads per worker (env THREADS)")
-    parser.add_argument("--client", choices=("threads", "asyncio"), default="threads",
-                        help="threads: one requests.Session per client thread; asyncio: raw HTTP/1.1 keep-alive "
-                             "connections in one event loop (cheap enough to keep every client in flight)")
+    parser.add_argument("--client", choices=("asyncio", "threads"), default="asyncio",
+                        help="asyncio (default): plain HTTP/1.1 keep-alive connections in one event loop, cheap "
+                             "enough to really keep every client in flight; threads: one requests.Session per "
+                             "client thread (on 2 cores the GIL lets only 5-40 of 50 be in flight, run to run)")
     parser.add_argument("--rate", type=float, default=0.0,
                         help="open loop: start request i at i/RATE s (latency counted from then); 0 = closed loop, "
                              "each client sends its next request as soon as the last one is answered")
