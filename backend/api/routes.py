@@ -104,10 +104,11 @@ def webhook():
     deleted = [a.get("id") for a in body.get("annotations") or [] if isinstance(a, dict) and a.get("id")] if action == "ANNOTATIONS_DELETED" else []
     settings = state().settings
     try:
-        ProjectState(state().redis, project).mark(tasks, deleted)
         queued = None
         if action == "START_TRAINING" or settings.train_on == "annotation":
-            queued = enqueue_training(state().redis, project)
+            queued = enqueue_training(state().redis, project, tasks=tasks, deleted=deleted)
+        else:
+            ProjectState(state().redis, project).mark(tasks, deleted)
     except redis.RedisError as exc:
         raise ServiceUnavailable(f"cannot queue training, Redis is unavailable ({exc}). Nothing is lost: the worker "
                                  "re-reads Label Studio at its next sync and on startup.") from None

@@ -25,8 +25,10 @@ class ProjectState:
         self.pending_key, self.full_key = f"{key}:pending", f"{key}:full"
         self.status_key, self.lock_key = f"{key}:status", f"{key}:lock"
 
-    def mark(self, tasks=(), deleted_annotations=(), full: bool = False) -> None:
-        pipe = self.r.pipeline()
+    def mark(self, tasks=(), deleted_annotations=(), full: bool = False, pipe=None) -> None:
+        """Record what changed; with ``pipe``, only add the commands to it (the caller executes)."""
+        own = pipe is None
+        pipe = self.r.pipeline() if own else pipe
         pipe.sadd(PROJECTS, self.project)
         if tasks:
             pipe.sadd(self.dirty_key, *[int(t) for t in tasks])
@@ -34,7 +36,8 @@ class ProjectState:
             pipe.sadd(self.deleted_key, *[int(a) for a in deleted_annotations])
         if full:
             pipe.set(self.full_key, 1)
-        pipe.execute()
+        if own:
+            pipe.execute()
 
     def pop_marks(self) -> tuple[set[int], set[int], bool]:
         """Take (dirty task ids, deleted annotation ids, full sync wanted) and clear them, atomically."""

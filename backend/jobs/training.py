@@ -37,13 +37,15 @@ log = logging.getLogger(__name__)
 JOB_TIMEOUT = 6 * 3600
 
 
-def enqueue_training(connection: redis.Redis, project: str, full: bool = False) -> str | None:
-    """Queue a round for ``project`` unless one is already pending; returns the new job's id or None."""
+def enqueue_training(connection: redis.Redis, project: str, full: bool = False, tasks=(), deleted=()) -> str | None:
+    """Record the changed ``tasks`` / ``deleted`` annotations and queue a round for ``project`` unless one is
+    already pending, in one Redis round trip (this is the webhook's hot path); returns the new job id or None."""
     state = ProjectState(connection, project)
-    if full:
-        state.mark(full=True)
     job_id = f"train-{project}-{uuid.uuid4().hex[:12]}"
-    if not connection.set(state.pending_key, job_id, nx=True, ex=24 * 3600):
+    pipe = connection.pipeline(transaction=False)
+    state.mark(tasks, deleted, full, pipe=pipe)
+    pipe.set(state.pending_key, job_id, nx=True, ex=24 * 3600)
+    if not pipe.execute()[-1]:
         return None
     try:
         job_queue(connection).enqueue(train_project, project, job_id=job_id, job_timeout=JOB_TIMEOUT,
