@@ -35,6 +35,10 @@ def serve(args: argparse.Namespace) -> int:
             self.cfg.set("worker_class", "gthread")
             self.cfg.set("timeout", 300)  # a large predict batch on CPU may take minutes
             self.cfg.set("loglevel", settings.log_level.lower())
+            if "control_socket_disable" in self.cfg.settings:
+                # gunicorn >= 25 binds one control socket per user (~/.gunicorn/gunicorn.ctl); a second
+                # `livetrain serve` (another project, a test, a benchmark) would take it over.
+                self.cfg.set("control_socket_disable", True)
 
         def load(self):
             from backend.api import create_app
@@ -63,6 +67,11 @@ def worker(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     connection = connect(settings)
+    # RQ forks a work horse per job: importing the SDK and torchvision once here instead of in every
+    # horse saves 1-2 s at the start of each round.
+    import label_studio_sdk  # noqa: F401
+    import torchvision.models.detection  # noqa: F401
+
     queued = queue_known_projects(settings, connection)  # catch up with what happened while no worker ran
     if queued:
         log.info("queued a full sync and round for project(s) %s", ", ".join(queued))
