@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 from backend.settings import Settings, settings_table
+from backend.simulation.run import add_arguments as add_simulate_arguments
 
 log = logging.getLogger("livetrain")
 
@@ -116,6 +117,13 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def simulate(args: argparse.Namespace) -> int:
+    from backend.simulation.run import simulate as run_simulation
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_simulation(args)
+
+
 def show_settings(args: argparse.Namespace) -> int:
     print(settings_table())
     return 0
@@ -142,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("project")
     p.add_argument("--wait", type=float, default=0, help="wait up to this many seconds for the round to finish")
     p.set_defaults(func=train)
+    p = sub.add_parser("simulate", help="replay a COCO dataset as an annotation session and plot the model quality")
+    add_simulate_arguments(p)
+    p.set_defaults(func=simulate)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
