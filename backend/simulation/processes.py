@@ -50,6 +50,8 @@ class LivetrainServer:
                         TORCH_HOME=str(self.model_dir / "torch"), LOG_LEVEL="INFO")
         full_env.pop("REDIS_URL", None)
         full_env.update({k: str(v) for k, v in (env or {}).items()})
+        user, password = full_env.get("BASIC_AUTH_USER"), full_env.get("BASIC_AUTH_PASS")
+        self.auth = (user, password) if user and password else None
         self.log_path = Path(log_path or self.model_dir / "serve.log")
         self._log = open(self.log_path, "ab")
         command = [sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
@@ -74,7 +76,7 @@ class LivetrainServer:
                 raise RuntimeError(f"livetrain serve exited with {self.proc.returncode}; see {self.log_path}")
             try:
                 if health is None:
-                    reply = requests.get(self.url + "/health", timeout=2)
+                    reply = requests.get(self.url + "/health", auth=self.auth, timeout=2)
                     if reply.ok:
                         health, self.redis_pid = reply.json(), self._redis_pid()
                 if health is not None:
