@@ -169,3 +169,31 @@ def test_update_and_delete_reach_the_next_round(ls, livetrain, project):
                          timeout=ROUND_TIMEOUT, interval=1.0, what="a round with the update and the deletion")
     assert version["name"] != v1["name"] and version["images"] == 3
     assert ls.ml(project["ml"]["id"])["state"] == "CO"  # no webhook or training call put the connection in error
+
+
+@pytest.mark.parametrize("via", ["label-studio", "backend"])
+def test_simulator_replays_a_coco_dataset(ls, livetrain, tmp_path, via):
+    import json
+
+    from backend.simulation.session import Simulation, SimulationConfig
+
+    images, annotations = [], []
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        png, objects = shapes_image(100 + i, count=2)
+        (tmp_path / "images" / f"s{i}.png").write_bytes(png)
+        images.append({"id": i + 1, "file_name": f"images/s{i}.png", "width": 160, "height": 120, "split": "train"})
+        annotations += [{"id": len(annotations) + k + 1, "image_id": i + 1, "category_id": 1 if label == "Square" else 2,
+                         "bbox": [x1, y1, x2 - x1, y2 - y1]} for k, (x1, y1, x2, y2, label) in enumerate(objects)]
+    categories = [{"id": 1, "name": "Square"}, {"id": 2, "name": "Disc"}]
+    (tmp_path / "annotations.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                           "categories": categories}))
+    config = SimulationConfig(data=tmp_path, images=3, via=via, pace=0.0, title=f"simulation via {via}")
+    summary = Simulation(config, ls, livetrain.url, tmp_path / "out", ml_auth=AUTH).run()
+    records = [json.loads(line) for line in (tmp_path / "out" / "simulation.jsonl").read_text().splitlines()]
+    assert [r["n"] for r in records] == [1, 2, 3]
+    assert all(0.0 <= r["quality"] <= 1.0 and r["model_version"] for r in records)
+    assert summary["images"] == 3 and (tmp_path / "out" / "quality.png").stat().st_size > 0
+    # the ground truth went into Label Studio as annotations
+    tasks = ls.tasks(summary["project"])
+    assert all(t["total_annotations"] == 1 for t in tasks)

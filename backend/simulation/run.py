@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ml-url", default=None, help="a running livetrain (default: start one, see --start-backend)")
     p.add_argument("--backend-env", action="append", default=[], metavar="NAME=VALUE",
                    help="settings for the livetrain this command starts (repeatable)")
+    p.add_argument("--ml-user", default=os.environ.get("BASIC_AUTH_USER"), help="Basic auth of a running livetrain")
+    p.add_argument("--ml-password", default=os.environ.get("BASIC_AUTH_PASS"))
     p.add_argument("--title", default="livetrain simulation")
 
 
@@ -57,6 +59,8 @@ def simulate(args: argparse.Namespace) -> int:
         ml_url = args.ml_url
         if not ml_url:
             env = dict(item.split("=", 1) for item in args.backend_env)
+            if args.ml_user and args.ml_password:
+                env.update(BASIC_AUTH_USER=args.ml_user, BASIC_AUTH_PASS=args.ml_password)
             env.update(LABEL_STUDIO_URL=url, LABEL_STUDIO_API_KEY=key)
             backend = LivetrainServer(out / "models", env=env, log_path=out / "serve.log")
             stack.callback(backend.stop)
@@ -65,7 +69,8 @@ def simulate(args: argparse.Namespace) -> int:
             log.info("livetrain %s started (%s, %s)", ml_url, health.get("model_class"), health.get("weights_source"))
         config = SimulationConfig(data=args.data, images=args.images, split=args.split, via=args.via,
                                   pace=args.pace, title=args.title)
-        summary = Simulation(config, LabelStudioAPI(url, token=key), ml_url, out).run()
+        ml_auth = (args.ml_user, args.ml_password) if args.ml_user and args.ml_password else None
+        summary = Simulation(config, LabelStudioAPI(url, token=key), ml_url, out, ml_auth=ml_auth).run()
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -96,7 +96,10 @@ class Simulation:
         for task in tasks:
             by_name[str(task["data"]["image"]).rsplit("/", 1)[-1].split("-", 1)[-1]] = task
         self.tasks = [by_name[im.path.name] for im in chosen]
-        self.ml_backend = self.ls.connect_ml(self.project["id"], self.ml_url)
+        auth = {}
+        if self.ml.auth:  # Label Studio sends Basic auth on its ML calls when the connection says so
+            auth = {"auth_method": "BASIC_AUTH", "basic_auth_user": self.ml.auth[0], "basic_auth_pass": self.ml.auth[1]}
+        self.ml_backend = self.ls.connect_ml(self.project["id"], self.ml_url, **auth)
         self.ls.update_project(self.project["id"], start_training_on_annotation_update=True)
         log.info("project %s: %d tasks, ML backend %s connected", self.project["id"], len(self.tasks), self.ml_url)
 
