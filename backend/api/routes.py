@@ -133,7 +133,7 @@ def versions():
 
 
 VERSION_FIELDS = ("name", "active", "parent", "images", "new_images", "annotations", "classes", "mode", "steps",
-                  "losses", "quality", "duration_s", "published_at")
+                  "losses", "quality", "duration_s", "published_at", "trained_annotations")
 
 
 @bp.post("/projects/<project>/rollback")

@@ -1,0 +1,82 @@
+"""``livetrain simulate`` / ``scripts/simulate.py``: arguments, and starting what is not running yet."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def pace(value: str) -> float | None:
+    return None if value == "wait" else float(value)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, type=Path, help="COCO dataset folder (annotations.json + images)")
+    p.add_argument("--images", type=int, default=100, help="how many images to label, in dataset order")
+    p.add_argument("--split", default="train", help="only images whose 'split' is this ('' for all)")
+    p.add_argument("--via", choices=("label-studio", "backend"), default="label-studio",
+                   help="where the pre-label comes from: Label Studio (task opened) or our POST /predict")
+    p.add_argument("--pace", type=pace, default=10.0, help="seconds per image, or 'wait' for each round to finish")
+    p.add_argument("--out", type=Path, default=Path("simulation"), help="folder for the log, summary and plot")
+    p.add_argument("--label-studio-url", default=os.environ.get("LABEL_STUDIO_URL"))
+    p.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY"), help="Label Studio legacy token")
+    p.add_argument("--start-label-studio", action="store_true",
+                   help="start a throwaway Label Studio 1.23.2 on 127.0.0.1 (installed once into its own venv)")
+    p.add_argument("--ml-url", default=None, help="a running livetrain (default: start one, see --start-backend)")
+    p.add_argument("--backend-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="settings for the livetrain this command starts (repeatable)")
+    p.add_argument("--ml-user", default=os.environ.get("BASIC_AUTH_USER"), help="Basic auth of a running livetrain")
+    p.add_argument("--ml-password", default=os.environ.get("BASIC_AUTH_PASS"))
+    p.add_argument("--title", default="livetrain simulation")
+
+
+def simulate(args: argparse.Namespace) -> int:
+    from backend.simulation.ls_api import LabelStudioAPI
+    from backend.simulation.ls_server import LabelStudioServer
+    from backend.simulation.processes import LivetrainServer
+    from backend.simulation.session import Simulation, SimulationConfig
+
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        url, key = args.label_studio_url, args.api_key
+        if args.start_label_studio:
+            server = LabelStudioServer(Path(tempfile.mkdtemp(prefix="livetrain-sim-ls-")))
+            stack.callback(server.stop)
+            credentials = server.start()
+            url, key = credentials.url, credentials.token
+            log.info("Label Studio %s started", url)
+        if not (url and key):
+            raise SystemExit("give --label-studio-url and --api-key (or LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY), "
+                             "or --start-label-studio")
+        ml_url = args.ml_url
+        if not ml_url:
+            env = dict(item.split("=", 1) for item in args.backend_env)
+            if args.ml_user and args.ml_password:
+                env.update(BASIC_AUTH_USER=args.ml_user, BASIC_AUTH_PASS=args.ml_password)
+            env.update(LABEL_STUDIO_URL=url, LABEL_STUDIO_API_KEY=key)
+            backend = LivetrainServer(out / "models", env=env, log_path=out / "serve.log")
+            stack.callback(backend.stop)
+            health = backend.wait_ready(timeout=300)
+            ml_url = backend.url
+            log.info("livetrain %s started (%s, %s)", ml_url, health.get("model_class"), health.get("weights_source"))
+        config = SimulationConfig(data=args.data, images=args.images, split=args.split, via=args.via,
+                                  pace=args.pace, title=args.title)
+        ml_auth = (args.ml_user, args.ml_password) if args.ml_user and args.ml_password else None
+        summary = Simulation(config, LabelStudioAPI(url, token=key), ml_url, out, ml_auth=ml_auth).run()
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_arguments(parser)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return simulate(parser.parse_args(argv))

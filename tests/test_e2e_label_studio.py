@@ -1,0 +1,199 @@
+"""End to end against a real Label Studio 1.23.2 (marker ``e2e``).
+
+Label Studio is installed once into its own venv (``LS_VENV``, else ~/.cache/livetrain/label-studio-1.23.2)
+and started on 127.0.0.1 with a throwaway data dir (backend/simulation/ls_server.py). livetrain runs as a
+user runs it: ``livetrain serve`` (gunicorn + RQ worker + embedded Redis), with Basic auth on, talking to
+Label Studio with a personal access token. The tests then do what a person does in Label Studio, through
+its REST API, and run in file order (each builds on the project the previous ones left).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import requests
+
+from backend.simulation.ls_api import LabelStudioAPI, LabelStudioError
+from backend.simulation.ls_server import LabelStudioServer
+from backend.simulation.processes import LivetrainServer
+from tests.livetrain_fixtures import CONFIG, shapes_image, wait_until
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[1]
+AUTH = ("ml-user", "ml-secret-pass")
+IMAGES = 8
+ROUND_TIMEOUT = 420
+
+
+@pytest.fixture(scope="module")
+def label_studio(tmp_path_factory):
+    server = LabelStudioServer(tmp_path_factory.mktemp("label-studio"))
+    try:
+        credentials = server.start()
+        yield server, credentials
+    finally:
+        server.stop()
+        assert server.proc is None or server.proc.poll() is not None, "Label Studio still running"
+
+
+@pytest.fixture(scope="module")
+def livetrain(label_studio, tmp_path_factory):
+    _, credentials = label_studio
+    env = {"LABEL_STUDIO_URL": credentials.url, "LABEL_STUDIO_API_KEY": credentials.pat,
+           "BASIC_AUTH_USER": AUTH[0], "BASIC_AUTH_PASS": AUTH[1], "MIN_ANNOTATIONS": 2, "TRAIN_STEPS": 6,
+           "MIN_SIZE": 128, "BATCH_SIZE": 2, "CHECKPOINT_EVERY": 3}
+    server = LivetrainServer(tmp_path_factory.mktemp("models"), env=env, cwd=ROOT)
+    try:
+        server.wait_ready(timeout=240)
+        yield server
+    finally:
+        server.stop()
+        assert server.proc.poll() is not None and not server.worker_pids(), "livetrain still running"
+
+
+@pytest.fixture(scope="module")
+def ls(label_studio) -> LabelStudioAPI:
+    return LabelStudioAPI(label_studio[1].url, token=label_studio[1].token)
+
+
+@pytest.fixture(scope="module")
+def project(ls, livetrain):
+    """A RectangleLabels project with generated images, livetrain connected with Basic auth, and "Start
+    model training on annotation submission" on."""
+    created = ls.create_project("e2e shapes", CONFIG)
+    shots = [shapes_image(seed, count=2) for seed in range(IMAGES)]
+    tasks = ls.import_images(created["id"], [(f"shape{i}.png", png) for i, (png, _) in enumerate(shots)])
+    assert len(tasks) == IMAGES
+    by_name = {t["data"]["image"].rsplit("-", 1)[-1]: t for t in tasks}
+    tasks = [by_name[f"shape{i}.png"] for i in range(IMAGES)]
+    ml = ls.connect_ml(created["id"], livetrain.url, auth_method="BASIC_AUTH", basic_auth_user=AUTH[0],
+                       basic_auth_pass=AUTH[1])
+    ls.update_project(created["id"], start_training_on_annotation_update=True)
+    return {"id": created["id"], "ml": ml, "tasks": tasks, "objects": [objects for _, objects in shots],
+            "annotations": {}}
+
+
+def rectangles(objects, width=160, height=120) -> list[dict]:
+    return [{"from_name": "label", "to_name": "image", "type": "rectanglelabels", "original_width": width,
+             "original_height": height, "image_rotation": 0,
+             "value": {"x": 100 * x1 / width, "y": 100 * y1 / height, "width": 100 * (x2 - x1) / width,
+                       "height": 100 * (y2 - y1) / height, "rotation": 0, "rectanglelabels": [label]}}
+            for x1, y1, x2, y2, label in objects]
+
+
+def status(livetrain, project) -> dict:
+    reply = requests.get(livetrain.url + "/status", auth=AUTH, timeout=10)
+    reply.raise_for_status()
+    return reply.json()["projects"].get(str(project["id"]), {})
+
+
+def active_version(livetrain, project) -> dict | None:
+    reply = requests.get(livetrain.url + "/versions", params={"project": project["id"]}, auth=AUTH, timeout=10)
+    reply.raise_for_status()
+    return next((v for v in reply.json()["details"][str(project["id"])] if v["active"]), None)
+
+
+def idle_with(livetrain, project, predicate):
+    """The active version once no round is queued or running and ``predicate(version)`` holds."""
+    s = status(livetrain, project)
+    assert s.get("state") != "error", s.get("last_error")
+    if s.get("state") != "idle":
+        return None
+    version = active_version(livetrain, project)
+    return version if version and predicate(version) else None
+
+
+def test_connect_with_basic_auth(ls, livetrain, project):
+    ml = ls.ml(project["ml"]["id"])
+    assert ml["state"] == "CO", ml  # connected: GET /health and POST /setup answered with Basic auth
+    assert ml["model_version"] == "livetrain-base"  # what our /setup returned before any round
+    # without the credentials Label Studio cannot connect: our /health and /setup answer 401
+    with pytest.raises(LabelStudioError):
+        ls.connect_ml(project["id"], livetrain.url, title="no auth")
+    # event webhooks cannot carry Basic auth, so LS auto-created one to our /webhook without it
+    hooks = ls.request("GET", f"/api/webhooks/?project={project['id']}")
+    assert any(h["url"].rstrip("/").endswith("/webhook") for h in hooks)
+
+
+def test_cold_start_prediction_is_stored(ls, project):
+    task = ls.open_task(project["tasks"][-1]["id"])  # the labeling UI opening a task
+    ours = [p for p in task["predictions"] if p["model_version"] == "livetrain-base"]
+    assert ours, task["predictions"]
+    assert ours[0]["result"] == []  # no version yet and no pretrained head for these labels: nothing shown
+
+
+def test_submits_train_a_version_that_serves_predictions(ls, livetrain, project):
+    for i in range(4):
+        annotation = ls.annotate(project["tasks"][i]["id"], rectangles(project["objects"][i]), lead_time=2.0)
+        project["annotations"][i] = annotation["id"]
+    version = wait_until(lambda: idle_with(livetrain, project, lambda v: v["images"] == 4), timeout=ROUND_TIMEOUT,
+                         interval=1.0, what="a version trained on the 4 submitted images")
+    project["v1"] = version
+    assert set(version["trained_annotations"]) == {str(t["id"]) for t in project["tasks"][:4]}
+    assert version["name"] in ls.ml_versions(project["ml"]["id"])["versions"]  # LS -> GET /versions
+    # a task opened now gets a prediction of the new version, with a score, stored in Label Studio
+    task = ls.open_task(project["tasks"][5]["id"])
+    ours = [p for p in task["predictions"] if p["model_version"] == version["name"]]
+    assert ours, [p["model_version"] for p in task["predictions"]]
+    assert isinstance(ours[0]["score"], float) and 0.0 <= ours[0]["score"] <= 1.0
+    for region in ours[0]["result"]:
+        assert region["type"] == "rectanglelabels" and region["value"]["rectanglelabels"][0] in ("Square", "Disc")
+
+
+def test_images_fetched_with_legacy_token_and_pat(label_studio, project):
+    from backend.labelstudio.images import ImageFetcher
+    from backend.settings import Settings
+
+    credentials = label_studio[1]
+    url = project["tasks"][0]["data"]["image"]
+    assert url.startswith("/data/upload/")
+    for key in (credentials.token, credentials.pat):
+        settings = dataclasses.replace(Settings.from_env(), label_studio_url=credentials.url, label_studio_api_key=key,
+                                       model_dir=Path(label_studio[0].run_dir) / f"cache-{len(key)}")
+        assert ImageFetcher(settings).fetch(url).size == (160, 120)
+    anonymous = requests.get(credentials.url + url, timeout=10)
+    assert anonymous.status_code in (401, 403)  # so the fetches above really authenticated
+
+
+def test_update_and_delete_reach_the_next_round(ls, livetrain, project):
+    v1 = project["v1"]
+    updated, deleted = project["tasks"][1]["id"], project["tasks"][2]["id"]
+    ls.update_annotation(project["annotations"][1], result=rectangles(project["objects"][1][:1]))
+    ls.delete_annotation(project["annotations"][2])
+    version = wait_until(lambda: idle_with(livetrain, project, lambda v: str(deleted) not in v["trained_annotations"]
+                                           and v["trained_annotations"].get(str(updated))
+                                           != v1["trained_annotations"][str(updated)]),
+                         timeout=ROUND_TIMEOUT, interval=1.0, what="a round with the update and the deletion")
+    assert version["name"] != v1["name"] and version["images"] == 3
+    assert ls.ml(project["ml"]["id"])["state"] == "CO"  # no webhook or training call put the connection in error
+
+
+@pytest.mark.parametrize("via", ["label-studio", "backend"])
+def test_simulator_replays_a_coco_dataset(ls, livetrain, tmp_path, via):
+    import json
+
+    from backend.simulation.session import Simulation, SimulationConfig
+
+    images, annotations = [], []
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        png, objects = shapes_image(100 + i, count=2)
+        (tmp_path / "images" / f"s{i}.png").write_bytes(png)
+        images.append({"id": i + 1, "file_name": f"images/s{i}.png", "width": 160, "height": 120, "split": "train"})
+        annotations += [{"id": len(annotations) + k + 1, "image_id": i + 1, "category_id": 1 if label == "Square" else 2,
+                         "bbox": [x1, y1, x2 - x1, y2 - y1]} for k, (x1, y1, x2, y2, label) in enumerate(objects)]
+    categories = [{"id": 1, "name": "Square"}, {"id": 2, "name": "Disc"}]
+    (tmp_path / "annotations.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                           "categories": categories}))
+    config = SimulationConfig(data=tmp_path, images=3, via=via, pace=0.0, title=f"simulation via {via}")
+    summary = Simulation(config, ls, livetrain.url, tmp_path / "out", ml_auth=AUTH).run()
+    records = [json.loads(line) for line in (tmp_path / "out" / "simulation.jsonl").read_text().splitlines()]
+    assert [r["n"] for r in records] == [1, 2, 3]
+    assert all(0.0 <= r["quality"] <= 1.0 and r["model_version"] for r in records)
+    assert summary["images"] == 3 and (tmp_path / "out" / "quality.png").stat().st_size > 0
+    # the ground truth went into Label Studio as annotations
+    tasks = ls.tasks(summary["project"])
+    assert all(t["total_annotations"] == 1 for t in tasks)
