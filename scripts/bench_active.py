@@ -39,6 +39,7 @@ from backend.training.engine import TrainState, sgd, train_steps, warmup_cosine 
 from backend.training.transforms import augment  # noqa: E402
 
 log = logging.getLogger("bench_active")
+FIRST: dict = {}  # (seed, labeled ids) -> (model, scores) at the first budget
 
 
 def batches(images, batch_size: int, seed: int):
@@ -82,8 +83,14 @@ def run_strategy(strategy: str, seed: int, train_pool, test, num_classes: int, a
     rows = []
     for i, budget in enumerate(args.budgets):
         started = time.perf_counter()
-        model = train(labeled, num_classes, args, seed)
-        scores = evaluate_map(model, test, num_classes)
+        key = (seed, tuple(sorted(im.id for im in labeled)))
+        if key in FIRST:  # both strategies start from the same set and seed: the same model, train it once
+            model, scores = FIRST[key]
+        else:
+            model = train(labeled, num_classes, args, seed)
+            scores = evaluate_map(model, test, num_classes)
+            if i == 0:
+                FIRST[key] = (model, scores)
         rows.append({"strategy": strategy, "seed": seed, "labeled": len(labeled), "map50": scores["map50"],
                      "map": scores["map"], "ap50_per_class": scores["ap50_per_class"],
                      "seconds": round(time.perf_counter() - started, 1)})
