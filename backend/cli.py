@@ -62,7 +62,7 @@ def worker(args: argparse.Namespace) -> int:
     from rq import Worker
 
     from backend.jobs.connection import connect
-    from backend.jobs.queue import job_queue
+    from backend.jobs.queue import worker_queues
     from backend.jobs.training import queue_known_projects
 
     settings = Settings.from_env()
@@ -76,7 +76,8 @@ def worker(args: argparse.Namespace) -> int:
     queued = queue_known_projects(settings, connection)  # catch up with what happened while no worker ran
     if queued:
         log.info("queued a full sync and round for project(s) %s", ", ".join(queued))
-    Worker([job_queue(connection)], connection=connection).work(with_scheduler=False)
+    # The scheduler moves delayed jobs (re-scoring retried while Label Studio is down) into their queue.
+    Worker(worker_queues(connection), connection=connection).work(with_scheduler=True)
     return 0
 
 
@@ -117,6 +118,43 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _follow(connection, job_id: str, wait: float) -> int:
+    import json
+
+    from backend.jobs.jobs import wait_for_job
+
+    report = wait_for_job(connection, job_id, timeout=wait)
+    print(json.dumps(report, default=str))
+    return 1 if report["status"] == "failed" else 0
+
+
+def rescore(args: argparse.Namespace) -> int:
+    from backend.jobs.connection import connect
+    from backend.jobs.rescoring import enqueue_rescore
+
+    connection = connect(Settings.from_env())
+    job_id = enqueue_rescore(connection, args.project)
+    print(f"queued re-scoring job {job_id}" if job_id else "a re-scoring job is already pending")
+    return _follow(connection, job_id, args.wait) if job_id and args.wait else 0
+
+
+def complete(args: argparse.Namespace) -> int:
+    from backend.errors import LivetrainError
+    from backend.jobs.connection import connect
+    from backend.jobs.rescoring import enqueue_complete
+
+    connection = connect(Settings.from_env())
+    options = {"tasks": args.tasks or None, "min_score": args.min_score, "max_detections": args.max_detections,
+               "remove_existing": args.remove_existing, "skip_annotated": args.skip_annotated}
+    try:
+        job_id = enqueue_complete(connection, args.project, options)
+    except LivetrainError as exc:
+        print(f"livetrain: {exc.message}", file=sys.stderr)
+        return 2
+    print(f"queued complete job {job_id}")
+    return _follow(connection, job_id, args.wait) if args.wait else 0
+
+
 def simulate(args: argparse.Namespace) -> int:
     from backend.simulation.run import simulate as run_simulation
 
@@ -150,6 +188,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("project")
     p.add_argument("--wait", type=float, default=0, help="wait up to this many seconds for the round to finish")
     p.set_defaults(func=train)
+    p = sub.add_parser("rescore", help="score the unlabeled tasks with the active version, write them into Label Studio")
+    p.add_argument("project")
+    p.add_argument("--wait", type=float, default=0, help="wait up to this many seconds for the job to finish")
+    p.set_defaults(func=rescore)
+    p = sub.add_parser("complete", help="pre-label all or selected tasks with the active version (background job)")
+    p.add_argument("project")
+    p.add_argument("--tasks", type=int, nargs="+", help="task ids (default: every task)")
+    p.add_argument("--min-score", type=float, default=None, help="regions below this score are left out "
+                   "(default: SCORE_THRESHOLD / the tag's model_score_threshold)")
+    p.add_argument("--max-detections", type=int, default=None, help="at most this many regions per image")
+    p.add_argument("--remove-existing", action="store_true", help="delete the tasks' existing predictions")
+    p.add_argument("--skip-annotated", action="store_true", help="leave tasks that have annotations alone")
+    p.add_argument("--wait", type=float, default=0, help="wait up to this many seconds for the job to finish")
+    p.set_defaults(func=complete)
     p = sub.add_parser("simulate", help="replay a COCO dataset as an annotation session and plot the model quality")
     add_simulate_arguments(p)
     p.set_defaults(func=simulate)

@@ -68,6 +68,13 @@ class Settings:
     # Prediction
     score_threshold: float = field(default=0.5, metadata={"env": "SCORE_THRESHOLD", "doc": "Regions below this score are not returned. A tag's `model_score_threshold` attribute overrides it."})
     max_detections: int = field(default=100, metadata={"env": "MAX_DETECTIONS", "doc": "At most this many regions per image."})
+    uncertainty: str = field(default="least_confidence", metadata={"env": "UNCERTAINTY", "doc": "How the task `score` (confidence, low = uncertain) is computed: `least_confidence` (least certain raw detection), `entropy` (largest class entropy of the RoI head's proposals) or `flip_stability` (agreement of the boxes found on the image and its mirror image; two forwards). See backend/inference/uncertainty.py."})
+    predict_skip_annotated: bool = field(default=False, metadata={"env": "PREDICT_SKIP_ANNOTATED", "doc": "Don't auto-predict tasks that already have annotations: /predict answers them with an empty result (still one result per task)."})
+    # Re-scoring: fresh predictions for Label Studio's uncertainty sampling after each version
+    rescore_on_publish: bool = field(default=True, metadata={"env": "RESCORE_ON_PUBLISH", "doc": "After each published version, score the unlabeled tasks with it in the background, write the predictions into Label Studio and move the project's model_version to it."})
+    rescore_limit: int = field(default=0, metadata={"env": "RESCORE_LIMIT", "doc": "At most this many unlabeled tasks are re-scored per version, the most useful first (never scored, then lowest previous score); 0 = all."})
+    rescore_batch: int = field(default=16, metadata={"env": "RESCORE_BATCH", "doc": "Tasks scored and written to Label Studio per batch; between batches a re-scoring job stops when a newer version exists and yields to a pending training round."})
+    old_predictions: str = field(default="delete", metadata={"env": "RESCORE_OLD_PREDICTIONS", "doc": "`delete`: when a task gets a new version's prediction, livetrain's predictions of older versions are deleted (Label Studio orders by all of a task's prediction scores); `keep`: leave them."})
     # Images
     max_image_bytes: int = field(default=50_000_000, metadata={"env": "MAX_IMAGE_BYTES", "doc": "Downloads larger than this are refused."})
     max_image_pixels: int = field(default=40_000_000, metadata={"env": "MAX_IMAGE_PIXELS", "doc": "Images with more decoded pixels than this are refused (decompression bombs)."})
@@ -108,6 +115,12 @@ class Settings:
             raise ValueError("TRAIN_ON must be annotation or start_training")
         if self.min_annotations < 1 or self.train_steps < 1 or self.batch_size < 1:
             raise ValueError("MIN_ANNOTATIONS, TRAIN_STEPS and BATCH_SIZE must be at least 1")
+        if self.uncertainty not in ("least_confidence", "entropy", "flip_stability"):
+            raise ValueError("UNCERTAINTY must be least_confidence, entropy or flip_stability")
+        if self.old_predictions not in ("delete", "keep"):
+            raise ValueError("RESCORE_OLD_PREDICTIONS must be delete or keep")
+        if self.rescore_limit < 0 or self.rescore_batch < 1:
+            raise ValueError("RESCORE_LIMIT must be 0 (all) or more and RESCORE_BATCH at least 1")
         if not 0.0 <= self.new_fraction <= 1.0:
             raise ValueError("NEW_FRACTION must be between 0 and 1")
 

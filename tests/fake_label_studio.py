@@ -5,6 +5,11 @@ Shapes follow the real server (see /work/shared/label-studio/captured/ and LS's 
 with ``page``/``page_size`` (404 past the last page, which the SDK's pager expects), honours
 ``fields=all|task_only``, ``query={"filters", "selectedItems"}`` (Number filters on task columns) and
 orders by id. Auth: ``Token <legacy>`` or ``Bearer <access>`` after ``POST /api/token/refresh/``.
+Predictions: ``POST /api/projects/{id}/import/predictions`` (a list; 201 ``{"created": n}``, 400 for a task
+outside the project, like ``ImportPredictionsAPI``), ``DELETE /api/predictions/{id}/`` (204); tasks list
+them under ``predictions`` (``fields=all``) with ``total_predictions`` and ``predictions_score`` (the mean
+score of the predictions whose ``model_version`` equals the project's), and a prediction write or delete
+moves the task's ``updated_at``, as in LS 1.23.2.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ class FakeLabelStudio:
         self.projects: dict[int, dict] = {}
         self.tasks: dict[int, dict] = {}
         self.annotations: dict[int, dict] = {}
+        self.predictions: dict[int, dict] = {}
+        self.delay = 0.0  # seconds every /api/ call waits first (a slow Label Studio)
         self.files: dict[str, bytes] = {}
         self._access: set[str] = set()
         self._ids = itertools.count(1)
@@ -102,6 +109,26 @@ class FakeLabelStudio:
         with self._lock:
             self._touch(self.tasks[self.annotations.pop(annotation_id)["task"]])
 
+    def add_prediction(self, task_id: int, result: list, score, model_version: str) -> int:
+        with self._lock:
+            pid, now = next(self._ids), self._now()
+            task = self.tasks[task_id]
+            self.predictions[pid] = {"id": pid, "result": list(result), "score": score, "model_version": model_version,
+                                     "cluster": None, "neighbors": None, "mislabeling": 0.0, "created_ago": "0 minutes",
+                                     "created_at": now, "updated_at": now, "model": None, "model_run": None,
+                                     "task": task_id, "project": task["project"]}
+            task["updated_at"] = self._now()
+            return pid
+
+    def task_predictions(self, task_id: int) -> list[dict]:
+        with self._lock:
+            return sorted((p for p in self.predictions.values() if p["task"] == task_id), key=lambda p: p["id"])
+
+    def predictions_score(self, task_id: int) -> float | None:
+        version = self.projects[self.tasks[task_id]["project"]]["model_version"]
+        scores = [p["score"] for p in self.task_predictions(task_id) if p["model_version"] == version and p["score"] is not None]
+        return sum(scores) / len(scores) if scores else None
+
     def delete_task(self, task_id: int) -> None:
         with self._lock:
             del self.tasks[task_id]
@@ -146,7 +173,10 @@ class FakeLabelStudio:
 
     def _task_json(self, task: dict, full: bool, expand_user: bool = False) -> dict:
         out = {k: v for k, v in task.items() if full or k not in ("predictions", "drafts")}
+        out["total_predictions"] = len(self.task_predictions(task["id"]))
+        out["predictions_score"] = self.predictions_score(task["id"])
         if full:
+            out["predictions"] = [dict(p) for p in self.task_predictions(task["id"])]
             anns = sorted((dict(a) for a in self.annotations.values() if a["task"] == task["id"]),
                           key=lambda a: a["id"])
             if expand_user:  # GET /api/tasks/{id}/ expands annotations.completed_by into the user
@@ -195,6 +225,25 @@ class FakeLabelStudio:
         if self.fail_status:
             return self.fail_status, {"detail": "fake failure"}
         parts = [p for p in path.split("/") if p]
+        if parts[:2] == ["api", "projects"] and parts[3:] == ["import", "predictions"] and method == "POST":
+            pid = int(parts[2])
+            if pid not in self.projects:
+                return 404, {"detail": "Not found."}
+            if not isinstance(body, list):
+                return 400, {"detail": "expected a list of predictions"}
+            for item in body:
+                if self.tasks.get(item.get("task"), {}).get("project") != pid:
+                    return 400, {"detail": f'{item} contains invalid "task" field'}
+            for item in body:
+                self.add_prediction(item["task"], item.get("result") or [], item.get("score"),
+                                    item.get("model_version", "undefined"))
+            return 201, {"created": len(body)}
+        if parts[:2] == ["api", "predictions"] and len(parts) == 3 and parts[2].isdigit() and method == "DELETE":
+            prediction = self.predictions.pop(int(parts[2]), None)
+            if prediction is None:
+                return 404, {"detail": "No Prediction matches the given query."}
+            self.tasks[prediction["task"]]["updated_at"] = self._now()
+            return 204, None
         if parts[:2] == ["api", "projects"] and len(parts) == 3 and parts[2].isdigit():
             project = self.projects.get(int(parts[2]))
             if project is None:
@@ -219,6 +268,8 @@ class FakeLabelStudio:
             def _serve(self):
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 split = urlsplit(self.path)
+                if fake.delay and split.path.startswith("/api/"):
+                    time.sleep(fake.delay)
                 with fake._lock:
                     fake.requests.append((self.command, self.path))
                     try:
@@ -227,7 +278,9 @@ class FakeLabelStudio:
                                                       self.headers.get("Authorization", ""))
                     except (ValueError, KeyError, TypeError) as exc:
                         status, payload = 400, {"detail": f"bad request: {exc!r}"}
-                if isinstance(payload, bytes):
+                if payload is None:
+                    data, ctype = b"", "application/json"
+                elif isinstance(payload, bytes):
                     data, ctype = payload, mimetypes.guess_type(split.path)[0] or "application/octet-stream"
                 else:
                     data, ctype = json.dumps(payload).encode(), "application/json"
@@ -237,7 +290,7 @@ class FakeLabelStudio:
                 self.end_headers()
                 self.wfile.write(data)
 
-            do_GET = do_POST = do_PATCH = _serve
+            do_GET = do_POST = do_PATCH = do_DELETE = _serve
 
             def log_message(self, *args):
                 pass

@@ -167,6 +167,32 @@ def test_box_at_known_pixels_comes_back_at_right_percentages(app, image_server):
     assert result["score"] == pytest.approx(0.8)
 
 
+def test_predict_skip_annotated_keeps_one_result_per_task(tmp_path, image_server):
+    app = create_app(make_settings(tmp_path, predict_skip_annotated=True))
+    serve(app, BoxAt([64.0, 48.0, 320.0, 240.0], label=1, score=0.9))
+    url = image_server.add("/c.png", png_bytes(640, 480))
+    payload = predict_payload(url, url, url)
+    payload["tasks"][0]["annotations"] = [{"id": 5, "result": [], "was_cancelled": False}]
+    payload["tasks"][2]["annotations"] = [{"id": 6, "result": [], "was_cancelled": True}]  # skipped: not annotated
+    results = app.test_client().post("/predict", json=payload).get_json()["results"]
+    assert len(results) == 3
+    assert results[0] == {"result": [], "score": None, "model_version": "test-v1"}
+    assert len(results[1]["result"]) == 1 and results[1]["score"] == pytest.approx(0.8)
+    assert len(results[2]["result"]) == 1
+    app.extensions["livetrain"].predictor.skip_annotated = False  # the default: predicted like any other task
+    results = app.test_client().post("/predict", json=payload).get_json()["results"]
+    assert len(results[0]["result"]) == 1 and results[0]["score"] == pytest.approx(0.8)
+
+
+def test_uncertainty_setting_picks_the_measure(tmp_path, image_server):
+    app = create_app(make_settings(tmp_path, uncertainty="flip_stability"))
+    # BoxAt answers the same pixels for the image and its mirror image: the boxes disagree under the flip
+    serve(app, BoxAt([64.0, 48.0, 320.0, 240.0], label=1, score=0.9))
+    url = image_server.add("/d.png", png_bytes(640, 480))
+    result = app.test_client().post("/predict", json=predict_payload(url)).get_json()["results"][0]
+    assert len(result["result"]) == 1 and result["score"] < 0.5
+
+
 def test_predicted_values_map_model_classes(app, image_server):
     config = BOX_CONFIG.replace('<Label value="Disc" background="blue"/>', '<Label value="Round" predicted_values="Disc"/>')
     client = app.test_client()

@@ -171,6 +171,30 @@ def test_update_and_delete_reach_the_next_round(ls, livetrain, project):
     assert ls.ml(project["ml"]["id"])["state"] == "CO"  # no webhook or training call put the connection in error
 
 
+
+def test_unlabeled_tasks_rescored_and_served_lowest_score_first(ls, livetrain, project):
+    """After a round, livetrain writes a prediction of the new version with a score for every unlabeled task
+    and moves the project's model_version to it, so Label Studio's uncertainty sampling has scores to use."""
+    version = wait_until(lambda: idle_with(livetrain, project, lambda v: True), timeout=ROUND_TIMEOUT, interval=1.0,
+                         what="no round pending")["name"]
+
+    def rescored():
+        s = status(livetrain, project).get("rescore") or {}
+        assert s.get("state") != "error", s
+        return s.get("state") == "done" and s.get("version") == version and ls.project(project["id"])["model_version"] == version
+    wait_until(rescored, timeout=ROUND_TIMEOUT, interval=1.0, what=f"re-scoring with {version}")
+    unlabeled = [t for t in ls.tasks(project["id"]) if not t["total_annotations"]]
+    assert len(unlabeled) == IMAGES - 3  # 4 annotated, one of them deleted again
+    for task in unlabeled:
+        ours = [p for p in task["predictions"] if p["model_version"] == version]
+        assert len(ours) == 1 and isinstance(ours[0]["score"], float), task["predictions"]
+        assert task["predictions_score"] == pytest.approx(ours[0]["score"])
+        assert not [p for p in task["predictions"] if p["model_version"] != version]  # older versions cleaned up
+    lowest = min(t["predictions_score"] for t in unlabeled)
+    served = ls.next_task(project["id"])
+    assert served["id"] in {t["id"] for t in unlabeled if t["predictions_score"] == lowest}, \
+        (served["id"], {t["id"]: t["predictions_score"] for t in unlabeled})
+
 @pytest.mark.parametrize("via", ["label-studio", "backend"])
 def test_simulator_replays_a_coco_dataset(ls, livetrain, tmp_path, via):
     import json

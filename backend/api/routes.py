@@ -14,6 +14,8 @@ from backend.api.state import state
 from backend.errors import BadRequest, ServiceUnavailable
 from backend.inference.predictor import BASE_VERSION
 from backend.jobs.connection import ping
+from backend.jobs.jobs import job_report
+from backend.jobs.rescoring import complete_options, enqueue_complete, enqueue_rescore, rescore_after_publish
 from backend.jobs.state import ProjectState, known_projects, save_ls_fallback
 from backend.jobs.training import enqueue_training
 from backend.labelstudio.label_config import parse_label_config
@@ -140,7 +142,10 @@ def rollback(project):
     version = json_body().get("version")
     if not isinstance(version, str) or not version:
         raise BadRequest("body must be {\"version\": \"<name>\"}; GET /versions?project=ID lists them")
-    VersionStore(state().settings.model_dir, project_id(project)).set_active(version)
+    project = project_id(project)
+    VersionStore(state().settings.model_dir, project).set_active(version)
+    if state().settings.rescore_on_publish:  # Label Studio's scores and model_version follow the served version
+        rescore_after_publish(state().redis, project)
     return jsonify(status="ok", project=project, active=version)
 
 
@@ -153,6 +158,43 @@ def train(project):
     except redis.RedisError as exc:
         raise ServiceUnavailable(f"cannot queue training, Redis is unavailable ({exc})") from None
     return jsonify(status="ok", project=project, queued=queued is not None)
+
+
+@bp.post("/projects/<project>/rescore")
+def rescore(project):
+    """On demand: score the unlabeled tasks with the active version and write them into Label Studio."""
+    project = project_id(project)
+    try:
+        job = enqueue_rescore(state().redis, project)
+    except redis.RedisError as exc:
+        raise ServiceUnavailable(f"cannot queue re-scoring, Redis is unavailable ({exc})") from None
+    return jsonify(status="ok", project=project, queued=job is not None, job=job)
+
+
+@bp.post("/projects/<project>/complete")
+def complete(project):
+    """Pre-label all or selected tasks with the active version, as a background job:
+    ``{"tasks": [ids] | "all", "min_score", "max_detections", "remove_existing", "skip_annotated"}``.
+    Poll ``GET /jobs/<job>`` (or ``/status``) for progress."""
+    project = project_id(project)
+    options = complete_options(json_body())
+    if VersionStore(state().settings.model_dir, project).active() is None:
+        raise BadRequest(f"project {project} has no model version yet: label "
+                         f"{state().settings.min_annotations} images first")
+    try:
+        job = enqueue_complete(state().redis, project, options)
+    except redis.RedisError as exc:
+        raise ServiceUnavailable(f"cannot queue the job, Redis is unavailable ({exc})") from None
+    return jsonify(status="ok", project=project, job=job), 202
+
+
+@bp.get("/jobs/<job_id>")
+def job(job_id):
+    """A background job's status, progress, result and error."""
+    try:
+        return jsonify(job_report(state().redis, job_id))
+    except redis.RedisError as exc:
+        raise ServiceUnavailable(f"Redis is unavailable ({exc})") from None
 
 
 @bp.get("/status")

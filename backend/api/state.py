@@ -31,7 +31,8 @@ class AppState:
         )
         fetcher = ImageFetcher(settings)
         pool = ModelPool(starting, settings.model_dir, pick_device(settings.device), settings.min_size)
-        predictor = Predictor(pool, fetcher, settings.score_threshold, settings.max_detections)
+        predictor = Predictor(pool, fetcher, settings.score_threshold, settings.max_detections, settings.uncertainty,
+                              settings.predict_skip_annotated)
         return cls(settings, starting, fetcher, predictor, connect(settings))
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from backend.errors import ImageError, LivetrainError
-from backend.inference.uncertainty import least_confidence
+from backend.inference.uncertainty import detect_and_score
 from backend.labelstudio.convert import box_to_region, image_to_tensor
 from backend.labelstudio.images import ImageFetcher
 from backend.labelstudio.label_config import ControlTag, LabelConfig
@@ -126,17 +126,25 @@ class ModelPool:
             self.refresh()
 
 
-def _forward(model: nn.Module, tensors: list[torch.Tensor]) -> list[dict]:
-    with torch.inference_mode():
-        return model(tensors)
+def has_annotations(task: dict) -> bool:
+    """Whether a task (as Label Studio sends or lists it) has an annotation that is not cancelled/skipped."""
+    if any(isinstance(a, dict) and not a.get("was_cancelled") for a in task.get("annotations") or ()):
+        return True
+    return bool(task.get("total_annotations"))
 
 
 class Predictor:
-    def __init__(self, pool: ModelPool, fetcher: ImageFetcher, score_threshold: float, max_detections: int):
+    """Turns tasks into Label Studio predictions with one model: used by /predict (the project's active
+    version, from the pool) and by the re-scoring / "complete" jobs (the version they were asked for)."""
+
+    def __init__(self, pool: ModelPool | None, fetcher: ImageFetcher, score_threshold: float, max_detections: int,
+                 uncertainty: str = "least_confidence", skip_annotated: bool = False):
         self.pool = pool
         self.fetcher = fetcher
         self.score_threshold = score_threshold
         self.max_detections = max_detections
+        self.uncertainty = uncertainty
+        self.skip_annotated = skip_annotated
         self._fetch_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fetch")
         # One forward at a time per process: torch already uses every core for one forward. (Handing
         # forwards to one dedicated thread instead measured ~35% slower in gunicorn than running them on
@@ -147,26 +155,41 @@ class Predictor:
         return VersionStore(self.pool.model_dir, project).active() or BASE_VERSION
 
     def predict(self, tasks: list[dict], config: LabelConfig, project: str) -> list[dict]:
-        """One prediction per task, in order. A task whose image fails gets an empty prediction."""
+        """One prediction per task, in order. A task whose image fails gets an empty prediction; with
+        PREDICT_SKIP_ANNOTATED, so does a task that already has annotations (Label Studio needs one
+        result per task, or it drops the whole reply)."""
         control = config.primary
         loaded = self.pool.get(project, control)
         if loaded is None:  # cold start: nothing worth showing yet
             return [{"result": [], "score": None, "model_version": BASE_VERSION} for _ in tasks]
-        images = list(self._fetch_pool.map(lambda t: self._load_image(t, control), tasks))
-        outputs: list[dict | None] = [None] * len(tasks)
-        ready = [i for i, image in enumerate(images) if not isinstance(image, LivetrainError)]
+        return self.predict_with(loaded, tasks, control, skip_annotated=self.skip_annotated)
+
+    def predict_with(self, loaded: LoadedModel, tasks: list[dict], control: ControlTag, *,
+                     threshold: float | None = None, max_detections: int | None = None,
+                     skip_annotated: bool = False) -> list[dict]:
+        """One prediction per task with ``loaded``; ``threshold`` / ``max_detections`` override the settings
+        (and the tag's ``model_score_threshold``). A task whose image failed, or that was skipped, gets an
+        empty result with ``score: None``."""
+        todo = [i for i, t in enumerate(tasks) if not (skip_annotated and has_annotations(t))]
+        images = dict(zip(todo, self._fetch_pool.map(lambda i: self._load_image(tasks[i], control), todo)))
+        outputs: dict[int, dict] = {}
+        ready = [i for i in todo if not isinstance(images[i], LivetrainError)]
+        device = next(loaded.model.parameters(), torch.empty(0)).device
         for start in range(0, len(ready), FORWARD_BATCH):
             chunk = ready[start : start + FORWARD_BATCH]
-            tensors = [image_to_tensor(images[i]).to(self.pool.device) for i in chunk]
+            tensors = [image_to_tensor(images[i]).to(device) for i in chunk]
             with self._forward_lock:
-                detections = _forward(loaded.model, tensors)
-            for i, det in zip(chunk, detections):
-                outputs[i] = self._to_prediction(det, images[i].size, control, loaded)
+                detections, confidences = detect_and_score(loaded.model, tensors, self.uncertainty)
+            for i, det, confidence in zip(chunk, detections, confidences):
+                outputs[i] = self._to_prediction(det, confidence, images[i].size, control, loaded, threshold,
+                                                 max_detections)
         results = []
-        for task, image, output in zip(tasks, images, outputs):
+        for i, task in enumerate(tasks):
+            output = outputs.get(i)
             if output is None:
-                log.warning("task %s: empty prediction because %s", task.get("id"), image.message)
                 output = {"result": [], "score": None, "model_version": loaded.version}
+                if i in images:
+                    log.warning("task %s: empty prediction because %s", task.get("id"), images[i].message)
             results.append(output)
         return results
 
@@ -179,16 +202,18 @@ class Predictor:
         except LivetrainError as exc:
             return exc
 
-    def _to_prediction(self, det: dict, size: tuple[int, int], control: ControlTag, loaded: LoadedModel) -> dict:
+    def _to_prediction(self, det: dict, confidence: float, size: tuple[int, int], control: ControlTag,
+                       loaded: LoadedModel, threshold: float | None, max_detections: int | None) -> dict:
         width, height = size
-        threshold = control.score_threshold if control.score_threshold is not None else self.score_threshold
-        scores = det["scores"].tolist()
+        if threshold is None:
+            threshold = control.score_threshold if control.score_threshold is not None else self.score_threshold
+        limit = self.max_detections if max_detections is None else max_detections
         regions = []
-        for box, label, score in zip(det["boxes"].tolist(), det["labels"].tolist(), scores):
-            if score < threshold or len(regions) >= self.max_detections:
+        for box, label, score in zip(det["boxes"].tolist(), det["labels"].tolist(), det["scores"].tolist()):
+            if score < threshold or len(regions) >= limit:
                 continue  # detections come sorted by score
             name = control.label_for(loaded.classes[label - 1])
             region = box_to_region(box, name, score, width, height, control) if name else None
             if region:
                 regions.append(region)
-        return {"result": regions, "score": least_confidence(scores), "model_version": loaded.version}
+        return {"result": regions, "score": confidence, "model_version": loaded.version}

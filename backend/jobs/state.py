@@ -24,6 +24,7 @@ class ProjectState:
         self.dirty_key, self.deleted_key = f"{key}:dirty", f"{key}:deleted"
         self.pending_key, self.full_key = f"{key}:pending", f"{key}:full"
         self.status_key, self.lock_key = f"{key}:status", f"{key}:lock"
+        self.rescore_pending_key = f"{key}:rescore-pending"
 
     def mark(self, tasks=(), deleted_annotations=(), full: bool = False, pipe=None) -> None:
         """Record what changed; with ``pipe``, only add the commands to it (the caller executes)."""

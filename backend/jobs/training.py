@@ -174,6 +174,10 @@ def _train_locked(settings: Settings, connection: redis.Redis, state: ProjectSta
                                        "losses", "duration_s", "published_at")}
     state.set_status(state="idle", active_version=meta["name"], trained_images=meta["images"], last_round=last_round,
                      last_error=None, progress=None)
+    if settings.rescore_on_publish:  # fresh scores for Label Studio's uncertainty sampling; never fails the round
+        from backend.jobs.rescoring import rescore_after_publish  # here: rescoring imports this module
+
+        rescore_after_publish(connection, project)
     return {"published": meta["name"], "images": meta["images"], "duration_s": meta["duration_s"]}
 
 

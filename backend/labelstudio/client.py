@@ -2,9 +2,10 @@
 
 Which transport does what:
 
-* ``project()`` and ``set_model_version()`` go through ``label-studio-sdk`` (``LabelStudio``:
-  ``projects.get`` / ``projects.update``); the SDK handles the legacy token and the personal access
-  token (PAT) exchange itself.
+* ``project()``, ``set_model_version()`` and the prediction writes go through ``label-studio-sdk``
+  (``LabelStudio``: ``projects.get`` / ``projects.update``, ``projects.import_predictions``, which is
+  ``POST /api/projects/{id}/import/predictions``, one request per batch, and ``predictions.delete``);
+  the SDK handles the legacy token and the personal access token (PAT) exchange itself.
 * Task reads (``iter_tasks``, ``task_summaries``, ``task``) use plain ``requests`` against the same
   ``GET /api/tasks/`` endpoint the SDK's ``tasks.list`` calls, with ``LabelStudioAuth`` headers,
   because with Label Studio 1.23.2 the SDK is awkward there:
@@ -170,6 +171,32 @@ class LabelStudioClient:
                                  lambda sdk: sdk.projects.update(id=pid, model_version=model_version))
         return self._project_dict(project)
 
+    def create_predictions(self, project_id: int | str, predictions: list[dict]) -> int:
+        """Write ``predictions`` (``task``, ``result``, ``score``, ``model_version``) in one request; returns
+        how many Label Studio created. Not retried by the SDK: a POST that timed out may have been applied,
+        and a blind retry would write duplicates (the re-scoring job re-reads the tasks instead)."""
+        if not predictions:
+            return 0
+        from label_studio_sdk import PredictionRequest
+
+        pid = project_pk(project_id)
+        request = [PredictionRequest(task=int(p["task"]), result=p["result"], score=p.get("score"),
+                                     model_version=p.get("model_version")) for p in predictions]
+        reply = self._sdk_call(f"/api/projects/{pid}/import/predictions",
+                               lambda sdk: sdk.projects.import_predictions(pid, request=request,
+                                                                           request_options={"max_retries": 0}))
+        created = getattr(reply, "created", None)
+        return int(created) if created is not None else len(predictions)
+
+    def delete_prediction(self, prediction_id: int) -> bool:
+        """``DELETE /api/predictions/{id}/``; False when it was already gone."""
+        pk = int(prediction_id)
+        try:
+            self._sdk_call(f"/api/predictions/{pk}/", lambda sdk: sdk.predictions.delete(id=pk))
+        except LabelStudioNotFound:
+            return False
+        return True
+
     @staticmethod
     def _project_dict(project) -> dict:
         data = project.model_dump(mode="json", warnings=False) if hasattr(project, "model_dump") else dict(project)
@@ -237,6 +264,11 @@ class LabelStudioClient:
         tasks whose annotations are all cancelled/skipped are left out.
         """
         items = [self._filter("total_annotations", "greater", 0)] if only_labeled else []
+        yield from self._iter_pages(project_pk(project_id), "all", items, self.page_size)
+
+    def iter_unlabeled_tasks(self, project_id: int | str) -> Iterator[dict]:
+        """Full tasks (with ``predictions``) that have no annotation (``total_annotations == 0``), by id."""
+        items = [self._filter("total_annotations", "equal", 0)]
         yield from self._iter_pages(project_pk(project_id), "all", items, self.page_size)
 
     def task_summaries(self, project_id: int | str, only_labeled: bool = False) -> Iterator[dict]:

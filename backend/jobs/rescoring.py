@@ -1,0 +1,345 @@
+"""Fresh predictions in Label Studio: re-scoring after each version, and "Complete" (pre-label a set).
+
+Label Studio's uncertainty sampling only looks at predictions whose ``model_version`` equals the
+project's, and never asks again for a task that has one (PROTOCOL.md). So after every published version
+the ``rescore_project`` job scores the unlabeled tasks with it, writes the predictions in batches
+(``POST /api/projects/{id}/import/predictions``), deletes livetrain's predictions of older versions
+(RESCORE_OLD_PREDICTIONS) and moves the project's ``model_version`` to the new version as soon as the
+first batch is written (so the label stream serves the most uncertain of the freshly scored tasks at once).
+
+* Most useful first: tasks never scored, then those whose newest previous score is lowest; RESCORE_LIMIT
+  caps how many tasks carry the version (0 = all). A task that already has this version's prediction is
+  done and never written twice, so a job that stops can simply be queued again.
+* Between batches the job stops when a newer version is active (superseded: that version's job takes
+  over), and yields to a pending training round of the project (it queues itself again behind it: rounds
+  keep their freshness even with a single worker).
+* Label Studio down or slow: the job queues itself again after a delay (RETRY_DELAYS), then fails with
+  Label Studio's error in the project status. Training never waits for it: the enqueue after a round is
+  wrapped so that no failure here can fail the round.
+
+``complete_tasks`` (``POST /projects/<id>/complete``, ``livetrain complete``) is the same code path over
+all or selected tasks with its own min score / max detections, optionally removing the tasks' existing
+predictions first and skipping annotated tasks. Both run on the low-priority rescore queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Callable
+
+import redis
+from rq import get_current_job
+
+from backend.errors import BadRequest, LivetrainError
+from backend.inference.predictor import BASE_VERSION, RAW_SCORE_FLOOR, LoadedModel, Predictor, has_annotations
+from backend.jobs.connection import connect
+from backend.jobs.queue import rescore_queue
+from backend.jobs.state import ProjectState
+from backend.jobs.training import ls_credentials
+from backend.labelstudio.client import LabelStudioClient, LabelStudioUnavailable
+from backend.labelstudio.images import ImageFetcher
+from backend.labelstudio.label_config import parse_label_config
+from backend.model_store.models import model_from_version, pick_device
+from backend.model_store.versions import VersionStore
+from backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+JOB_TIMEOUT = 6 * 3600
+RETRY_DELAYS = (30, 120, 600)  # seconds before each new try while Label Studio is unavailable
+
+
+# -- queueing -------------------------------------------------------------------------------------
+def enqueue_rescore(connection: redis.Redis, project: str, attempt: int = 0, delay: float = 0) -> str | None:
+    """Queue a re-scoring of ``project``'s active version unless one is already pending; returns the job id."""
+    project = str(project)
+    job_id = f"rescore-{project}-{uuid.uuid4().hex[:12]}"
+    key = ProjectState(connection, project).rescore_pending_key
+    if not connection.set(key, job_id, nx=True, ex=24 * 3600):
+        return None
+    try:
+        options = dict(job_id=job_id, job_timeout=JOB_TIMEOUT, result_ttl=24 * 3600, failure_ttl=7 * 24 * 3600,
+                       description=f"re-score project {project}")
+        queue = rescore_queue(connection)
+        if delay:
+            queue.enqueue_in(timedelta(seconds=delay), rescore_project, project, attempt, **options)
+        else:
+            queue.enqueue(rescore_project, project, attempt, **options)
+    except Exception:
+        connection.delete(key)
+        raise
+    ProjectState(connection, project).set_status(rescore={"state": "queued", "job": job_id, "attempt": attempt})
+    return job_id
+
+
+def rescore_after_publish(connection: redis.Redis, project: str) -> str | None:
+    """Called by the training job after a round: never raises (a failure here must not fail the round)."""
+    try:
+        return enqueue_rescore(connection, project)
+    except Exception as exc:
+        log.warning("project %s: could not queue re-scoring (%s); POST /projects/%s/rescore retries", project, exc,
+                    project)
+        return None
+
+
+COMPLETE_OPTIONS = ("tasks", "min_score", "max_detections", "remove_existing", "skip_annotated")
+
+
+def complete_options(body: dict) -> dict:
+    """Validate "Complete" options from a request body or the CLI; raise BadRequest naming the field."""
+    unknown = sorted(set(body) - set(COMPLETE_OPTIONS))
+    if unknown:
+        raise BadRequest(f"unknown option(s) {', '.join(unknown)}; allowed: {', '.join(COMPLETE_OPTIONS)}")
+    tasks = body.get("tasks")
+    if tasks in (None, "all"):
+        tasks = None
+    elif not isinstance(tasks, list) or not tasks or not all(isinstance(t, int) and not isinstance(t, bool) for t in tasks):
+        raise BadRequest("'tasks' must be \"all\" or a non-empty list of task ids")
+    min_score = body.get("min_score")
+    if min_score is not None and (not isinstance(min_score, (int, float)) or not 0.0 <= min_score <= 1.0):
+        raise BadRequest("'min_score' must be a number between 0 and 1")
+    max_detections = body.get("max_detections")
+    if max_detections is not None and (not isinstance(max_detections, int) or max_detections < 0):
+        raise BadRequest("'max_detections' must be a whole number >= 0")
+    flags = {}
+    for name in ("remove_existing", "skip_annotated"):
+        if not isinstance(body.get(name, False), bool):
+            raise BadRequest(f"'{name}' must be true or false")
+        flags[name] = body.get(name, False)
+    return {"tasks": tasks, "min_score": min_score, "max_detections": max_detections, **flags}
+
+
+def enqueue_complete(connection: redis.Redis, project: str, options: dict) -> str:
+    options = complete_options(options)
+    job_id = f"complete-{project}-{uuid.uuid4().hex[:12]}"
+    rescore_queue(connection).enqueue(complete_tasks, str(project), options, 0, job_id=job_id, job_timeout=JOB_TIMEOUT,
+                                      result_ttl=7 * 24 * 3600, failure_ttl=7 * 24 * 3600,
+                                      description=f"complete project {project}")
+    ProjectState(connection, project).set_status(complete={"state": "queued", "job": job_id})
+    return job_id
+
+
+# -- choosing tasks -------------------------------------------------------------------------------
+def is_livetrain_version(model_version: str | None, prefix: str) -> bool:
+    """Whether a prediction's version is one of this project's livetrain versions (``<prefix>-v<N>``) or
+    the cold-start ``livetrain-base``: only those are ever deleted as "older versions"."""
+    if not model_version:
+        return False
+    return model_version == BASE_VERSION or re.fullmatch(re.escape(prefix) + r"-v\d+", model_version) is not None
+
+
+def version_prefix(version: str) -> str:
+    return version.rsplit("-v", 1)[0]
+
+
+def has_version(task: dict, version: str) -> bool:
+    return any(p.get("model_version") == version for p in task.get("predictions") or ())
+
+
+def previous_score(task: dict) -> float | None:
+    """The score of the task's newest scored prediction, or None when it was never scored."""
+    scored = [p for p in task.get("predictions") or () if isinstance(p.get("score"), (int, float))]
+    return max(scored, key=lambda p: p.get("id") or 0)["score"] if scored else None
+
+
+def plan_rescore(tasks: list[dict], version: str, limit: int) -> list[dict]:
+    """The tasks to score with ``version``, most useful first: never scored, then lowest previous score
+    (ties by id). With ``limit``, at most that many tasks carry the version, counting those already done."""
+    done = sum(1 for t in tasks if has_version(t, version))
+    todo = [t for t in tasks if not has_version(t, version)]
+
+    def usefulness(task):
+        score = previous_score(task)
+        return (0, 0.0, task["id"]) if score is None else (1, score, task["id"])
+
+    todo.sort(key=usefulness)
+    return todo[: max(0, limit - done)] if limit else todo
+
+
+# -- the shared scoring loop ------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One scoring pass: which tasks, with what, and how far it got (reported as progress)."""
+
+    kind: str  # "rescore" or "complete"
+    project: str
+    version: str
+    state: ProjectState
+    total: int = 0
+    done: int = 0
+    written: int = 0
+    deleted: int = 0
+    failed: int = 0
+    moved: bool = False
+    started: float = field(default_factory=time.time)
+
+    def report(self, state: str, **extra) -> dict:
+        report = {"state": state, "version": self.version, "done": self.done, "total": self.total,
+                  "written": self.written, "deleted": self.deleted, "failed": self.failed,
+                  "tasks_per_s": round(self.done / max(time.time() - self.started, 1e-6), 3), **extra}
+        job = get_current_job()
+        if job is not None:
+            report["job"] = job.id
+            job.meta["progress"] = report
+            job.save_meta()
+        self.state.set_status(**{self.kind: report})
+        return report
+
+
+def score_and_write(run: Run, client: LabelStudioClient, predictor: Predictor, loaded: LoadedModel, control,
+                    tasks: list[dict], batch: int, *, threshold=None, max_detections=None,
+                    delete: Callable[[dict], bool] = lambda p: False,
+                    stop: Callable[[], str | None] = lambda: None) -> str | None:
+    """Score ``tasks`` in batches, write one prediction per task, delete the tasks' predictions for which
+    ``delete`` holds, move the project's model_version after the first write. Returns why it stopped early
+    (``stop()``'s answer, checked between batches) or None when it went through every task."""
+    run.total = len(tasks)
+    run.report("running")
+    for start in range(0, len(tasks), batch):
+        if start and (reason := stop()):
+            return reason
+        chunk = tasks[start:start + batch]
+        predictions = predictor.predict_with(loaded, chunk, control, threshold=threshold,
+                                             max_detections=max_detections)
+        writes = []
+        for task, prediction in zip(chunk, predictions):
+            if prediction["score"] is None:  # the image failed (logged): no prediction rather than a null score
+                run.failed += 1
+                continue
+            writes.append({"task": task["id"], "result": prediction["result"], "score": prediction["score"],
+                           "model_version": loaded.version})
+        run.written += client.create_predictions(run.project, writes)
+        if writes and not run.moved:
+            client.set_model_version(run.project, loaded.version)
+            run.moved = True
+        written = {w["task"] for w in writes}
+        for task in chunk:
+            if task["id"] not in written:
+                continue  # keep what it had: a failed image must not lose the task's previous prediction
+            for old in task.get("predictions") or ():  # as listed before this write: the new one is not among them
+                if delete(old) and client.delete_prediction(old["id"]):
+                    run.deleted += 1
+        run.done += len(chunk)
+        run.report("running")
+    return None
+
+
+# -- jobs -----------------------------------------------------------------------------------------
+def _setup(settings: Settings, connection: redis.Redis, project: str, version: str):
+    url, key = ls_credentials(settings, connection)
+    client = LabelStudioClient(url, key)
+    control = parse_label_config(client.project(project)["label_config"]).primary
+    fetcher = ImageFetcher(settings)
+    fetcher.set_fallback(url, key)
+    state, meta = VersionStore(settings.model_dir, project).load(version)
+    model = model_from_version(state, meta, settings.min_size)
+    model.roi_heads.score_thresh = RAW_SCORE_FLOOR  # as /predict serves it: the uncertainty sees every candidate
+    model.to(pick_device(settings.device)).eval()
+    loaded = LoadedModel(model, version, tuple(meta["classes"]))
+    predictor = Predictor(None, fetcher, settings.score_threshold, settings.max_detections, settings.uncertainty)
+    return client, control, loaded, predictor
+
+
+def _retry_or_fail(run: Run, exc: LabelStudioUnavailable, attempt: int, again: Callable[[float], str | None]):
+    """Label Studio unavailable: queue the same work again after a delay (``again`` returns the new job's
+    id), or, after the last delay, fail with Label Studio's error."""
+    if attempt < len(RETRY_DELAYS):
+        delay = RETRY_DELAYS[attempt]
+        log.warning("project %s: %s; %s again in %d s", run.project, exc.message, run.kind, delay)
+        return run.report("waiting", error=exc.message, retry_in_s=delay, next_job=again(delay))
+    run.report("error", error=exc.message)
+    raise exc
+
+
+def rescore_project(project: str, attempt: int = 0) -> dict:
+    """The RQ job: score the unlabeled tasks with the project's active version (see the module doc)."""
+    settings = Settings.from_env()
+    connection = connect(settings)
+    state = ProjectState(connection, project)
+    job = get_current_job()
+    if job is not None and connection.get(state.rescore_pending_key) == job.id.encode():
+        connection.delete(state.rescore_pending_key)
+    store = VersionStore(settings.model_dir, project)
+    version = store.active()
+    run = Run("rescore", project, version or "", state)
+    if version is None:
+        return run.report("done", reason="no published version yet")
+
+    def stop() -> str | None:
+        if store.active() != version:
+            return "superseded"
+        if connection.exists(state.pending_key):  # a training round waits: let it run first, continue after
+            return "yielded"
+        return None
+
+    try:
+        client, control, loaded, predictor = _setup(settings, connection, project, version)
+        prefix = version_prefix(version)
+        delete_old = settings.old_predictions == "delete"
+        tasks = plan_rescore(list(client.iter_unlabeled_tasks(project)), version, settings.rescore_limit)
+        reason = score_and_write(run, client, predictor, loaded, control, tasks, settings.rescore_batch,
+                                 delete=lambda p: delete_old and p.get("model_version") != version
+                                 and is_livetrain_version(p.get("model_version"), prefix),
+                                 stop=stop)
+        if reason is None and not run.moved:  # nothing needed scoring: the project must still point here
+            client.set_model_version(project, version)
+    except LabelStudioUnavailable as exc:
+        return _retry_or_fail(run, exc, attempt, lambda delay: enqueue_rescore(connection, project, attempt + 1, delay))
+    except Exception as exc:
+        run.report("error", error=exc.message if isinstance(exc, LivetrainError) else f"{type(exc).__name__}: {exc}")
+        raise
+    if reason == "yielded":
+        enqueue_rescore(connection, project)
+    log.info("project %s: re-scored %d/%d task(s) with %s (%d written, %d old deleted, %d failed)%s", project,
+             run.done, run.total, version, run.written, run.deleted, run.failed, f"; {reason}" if reason else "")
+    return run.report(reason or "done")
+
+
+def complete_tasks(project: str, options: dict, attempt: int = 0) -> dict:
+    """The RQ job behind "Complete": pre-label all or selected tasks with the active version."""
+    settings = Settings.from_env()
+    connection = connect(settings)
+    state = ProjectState(connection, project)
+    version = VersionStore(settings.model_dir, project).active()
+    run = Run("complete", project, version or "", state)
+    if version is None:
+        run.report("error", error="no model version yet: label a few images first (MIN_ANNOTATIONS)")
+        raise LivetrainError(f"project {project} has no model version yet: label {settings.min_annotations} images first")
+    try:
+        client, control, loaded, predictor = _setup(settings, connection, project, version)
+        if options["tasks"] is None:
+            tasks = list(client.iter_tasks(project, only_labeled=False))
+            missing = []
+        else:
+            found = client.tasks_by_id(project, options["tasks"])
+            tasks = [found[t] for t in sorted(found)]
+            missing = sorted(set(options["tasks"]) - set(found))
+        skipped = [t["id"] for t in tasks if options["skip_annotated"] and has_annotations(t)]
+        tasks = [t for t in tasks if t["id"] not in skipped]
+        if not options["remove_existing"]:  # no duplicates: a task with this version's prediction is done
+            skipped += [t["id"] for t in tasks if has_version(t, version)]
+            tasks = [t for t in tasks if not has_version(t, version)]
+        score_and_write(run, client, predictor, loaded, control, tasks, settings.rescore_batch,
+                        threshold=options["min_score"], max_detections=options["max_detections"],
+                        delete=lambda p: options["remove_existing"])  # after the write: a failed image keeps its old one
+        if not run.moved:
+            client.set_model_version(project, version)
+    except LabelStudioUnavailable as exc:
+        def again(delay):
+            job_id = f"complete-{project}-{uuid.uuid4().hex[:12]}"
+            rescore_queue(connection).enqueue_in(timedelta(seconds=delay), complete_tasks, project, options,
+                                                 attempt + 1, job_id=job_id, job_timeout=JOB_TIMEOUT,
+                                                 result_ttl=7 * 24 * 3600, failure_ttl=7 * 24 * 3600)
+            return job_id
+        return _retry_or_fail(run, exc, attempt, again)
+    except Exception as exc:
+        run.report("error", error=exc.message if isinstance(exc, LivetrainError) else f"{type(exc).__name__}: {exc}")
+        raise
+    log.info("project %s: completed %d task(s) with %s (%d written, %d removed, %d failed)", project, run.done,
+             version, run.written, run.deleted, run.failed)
+    return run.report("done", skipped=sorted(skipped), missing=missing)
