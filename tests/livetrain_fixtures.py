@@ -52,6 +52,21 @@ def regions(fake, objects, width: int = 160, height: int = 120) -> list[dict]:
                       label, ow=width, oh=height) for x1, y1, x2, y2, label in objects]
 
 
+def live_env(tmp_path: Path, title: str = "Shapes"):
+    """A Label Studio double with one project, Settings for a worker on an embedded Redis under
+    ``tmp_path``, and the Flask app on them: (fake, project id, settings, app)."""
+    from backend.api import create_app
+    from backend.jobs.connection import redis_url_for
+    from backend.settings import Settings
+    from tests.fake_label_studio import FakeLabelStudio
+
+    fake = FakeLabelStudio()
+    project = fake.add_project(CONFIG, title=title)
+    settings = Settings.from_env(worker_env(tmp_path, "", fake.url, fake.token))
+    settings = Settings.from_env(worker_env(tmp_path, redis_url_for(settings), fake.url, fake.token))
+    return fake, project, settings, create_app(settings)
+
+
 def worker_env(model_dir: Path, redis_url: str, ls_url: str, token: str, **extra) -> dict:
     env = dict(os.environ, MODEL_DIR=str(model_dir), REDIS_URL=redis_url, LABEL_STUDIO_URL=ls_url,
                LABEL_STUDIO_API_KEY=token, DOWNLOAD_WEIGHTS="false", MIN_SIZE="128", TRAIN_STEPS="6",

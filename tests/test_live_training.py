@@ -11,24 +11,16 @@ import pytest
 import torch
 from rq import Queue
 
-from backend.api import create_app
-from backend.jobs.connection import redis_url_for
 from backend.jobs.queue import QUEUE_NAME
 from backend.jobs.state import ProjectState
 from backend.jobs.training import wait_for_idle
 from backend.model_store.versions import VersionStore
-from backend.settings import Settings
-from tests.fake_label_studio import FakeLabelStudio
-from tests.livetrain_fixtures import CONFIG, WorkerProcess, regions, shapes_image, wait_until, worker_env
+from tests.livetrain_fixtures import CONFIG, WorkerProcess, live_env, regions, shapes_image, wait_until, worker_env
 
 
 @pytest.fixture
 def env(tmp_path):
-    fake = FakeLabelStudio()
-    project = fake.add_project(CONFIG, title="Shapes")
-    settings = Settings.from_env(worker_env(tmp_path, "", fake.url, fake.token))
-    settings = Settings.from_env(worker_env(tmp_path, redis_url_for(settings), fake.url, fake.token))
-    app = create_app(settings)
+    fake, project, settings, app = live_env(tmp_path)
     workers = []
 
     class Env:

@@ -9,17 +9,13 @@ import sys
 
 import pytest
 
-from backend.api import create_app
 from backend.errors import BadRequest
-from backend.jobs.connection import redis_url_for
 from backend.jobs.jobs import wait_for_job
 from backend.jobs.rescoring import complete_options, enqueue_rescore, is_livetrain_version, plan_rescore
 from backend.jobs.state import ProjectState
 from backend.jobs.training import wait_for_idle
 from backend.model_store.versions import VersionStore
-from backend.settings import Settings
-from tests.fake_label_studio import FakeLabelStudio
-from tests.livetrain_fixtures import CONFIG, WorkerProcess, regions, shapes_image, wait_until, worker_env
+from tests.livetrain_fixtures import WorkerProcess, live_env, regions, shapes_image, wait_until, worker_env
 
 
 # -- choosing what to score -----------------------------------------------------------------------
@@ -55,12 +51,8 @@ def test_complete_options_are_validated():
 # -- end to end with a worker ---------------------------------------------------------------------
 @pytest.fixture
 def env(tmp_path):
-    fake = FakeLabelStudio()
-    project = fake.add_project(CONFIG, title="Shapes")
+    fake, project, settings, app = live_env(tmp_path)
     fake.projects[project]["model_version"] = "livetrain"  # what connecting a backend sets: its title
-    settings = Settings.from_env(worker_env(tmp_path, "", fake.url, fake.token))
-    settings = Settings.from_env(worker_env(tmp_path, redis_url_for(settings), fake.url, fake.token))
-    app = create_app(settings)
     workers = []
 
     class Env:
