@@ -96,12 +96,19 @@ def rollback(args: argparse.Namespace) -> int:
     from backend.errors import LivetrainError
     from backend.model_store.versions import VersionStore
 
+    settings = Settings.from_env()
     try:
-        VersionStore(Settings.from_env().model_dir, args.project).set_active(args.version)
+        VersionStore(settings.model_dir, args.project).set_active(args.version)
     except LivetrainError as exc:
         print(f"livetrain: {exc.message}", file=sys.stderr)
         return 1
     print(f"project {args.project} now serves {args.version}")
+    if settings.rescore_on_publish:  # as the HTTP route does: Label Studio's scores follow the served version
+        from backend.jobs.connection import connect
+        from backend.jobs.rescoring import rescore_after_publish
+
+        if rescore_after_publish(connect(settings), args.project):
+            print("queued re-scoring of the unlabeled tasks with it")
     return 0
 
 

@@ -17,7 +17,7 @@ import requests
 
 from backend.simulation.ls_api import LabelStudioAPI, LabelStudioError
 from backend.simulation.ls_server import LabelStudioServer
-from backend.simulation.processes import LivetrainServer
+from backend.simulation.processes import LivetrainServer, alive
 from tests.livetrain_fixtures import CONFIG, shapes_image, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -36,7 +36,7 @@ def label_studio(tmp_path_factory):
         yield server, credentials
     finally:
         server.stop()
-        assert server.proc is None or server.proc.poll() is not None, "Label Studio still running"
+        assert server.proc is None or not alive(server.proc.pid), "Label Studio still running"
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,9 @@ def livetrain(label_studio, tmp_path_factory):
         yield server
     finally:
         server.stop()
-        assert server.proc.poll() is not None and not server.worker_pids(), "livetrain still running"
+        assert len(server.stopped_pids) >= 3  # serve, its RQ worker, redis-server (and any work horse)
+        wait_until(lambda: not any(alive(pid) for pid in server.stopped_pids), timeout=30,
+                   what=f"livetrain's processes {server.stopped_pids} to exit")
 
 
 @pytest.fixture(scope="module")

@@ -299,3 +299,15 @@ def test_box_to_pixels():
     assert box_to_pixels((10, 20, 30, 40), 200, 100) == (20.0, 20.0, 80.0, 60.0)
     assert box_to_pixels((90, -10, 20, 30), 100, 50) == (90.0, 0.0, 100.0, 10.0)
     assert box_to_pixels((0, 0, 100, 100), 64, 48) == (0.0, 0.0, 64.0, 48.0)
+
+
+def test_prediction_batch_survives_a_task_deleted_since_the_listing(fake, client):
+    from backend.jobs.rescoring import _write
+
+    pid, tasks = _project(fake, n_tasks=3)
+    fake.delete_task(tasks[1])  # Label Studio rejects a batch naming it (400) ...
+    writes = [{"task": t, "result": [], "score": 0.5, "model_version": "Boxes-v1"} for t in tasks]
+    with pytest.raises(LabelStudioError):
+        client.create_predictions(pid, writes)
+    assert _write(client, pid, writes) == 2  # ... so the batch is written again without it
+    assert sorted(p["task"] for p in fake.predictions.values()) == [tasks[0], tasks[2]]

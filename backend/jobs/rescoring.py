@@ -41,7 +41,7 @@ from backend.jobs.connection import connect
 from backend.jobs.queue import rescore_queue
 from backend.jobs.state import ProjectState
 from backend.jobs.training import ls_credentials
-from backend.labelstudio.client import LabelStudioClient, LabelStudioUnavailable
+from backend.labelstudio.client import LabelStudioClient, LabelStudioError, LabelStudioUnavailable
 from backend.labelstudio.images import ImageFetcher
 from backend.labelstudio.label_config import parse_label_config
 from backend.model_store.models import model_from_version, pick_device
@@ -62,6 +62,9 @@ def enqueue_rescore(connection: redis.Redis, project: str, attempt: int = 0, del
     key = ProjectState(connection, project).rescore_pending_key
     if not connection.set(key, job_id, nx=True, ex=24 * 3600):
         return None
+    state = ProjectState(connection, project)
+    # before enqueueing: a job that finishes at once must not have its "done" overwritten by "queued"
+    state.set_status(rescore={"state": "queued", "job": job_id, "attempt": attempt})
     try:
         options = dict(job_id=job_id, job_timeout=JOB_TIMEOUT, result_ttl=24 * 3600, failure_ttl=7 * 24 * 3600,
                        description=f"re-score project {project}")
@@ -70,10 +73,10 @@ def enqueue_rescore(connection: redis.Redis, project: str, attempt: int = 0, del
             queue.enqueue_in(timedelta(seconds=delay), rescore_project, project, attempt, **options)
         else:
             queue.enqueue(rescore_project, project, attempt, **options)
-    except Exception:
+    except Exception as exc:
         connection.delete(key)
+        state.set_status(rescore={"state": "error", "error": f"could not queue re-scoring: {exc}"})
         raise
-    ProjectState(connection, project).set_status(rescore={"state": "queued", "job": job_id, "attempt": attempt})
     return job_id
 
 
@@ -213,8 +216,10 @@ def score_and_write(run: Run, client: LabelStudioClient, predictor: Predictor, l
                 continue
             writes.append({"task": task["id"], "result": prediction["result"], "score": prediction["score"],
                            "model_version": loaded.version})
-        run.written += client.create_predictions(run.project, writes)
+        run.written += _write(client, run.project, writes)
         if writes and not run.moved:
+            if stop() == "superseded":  # another worker's job for a newer version may have moved it already
+                return "superseded"
             client.set_model_version(run.project, loaded.version)
             run.moved = True
         written = {w["task"] for w in writes}
@@ -227,6 +232,22 @@ def score_and_write(run: Run, client: LabelStudioClient, predictor: Predictor, l
         run.done += len(chunk)
         run.report("running")
     return None
+
+
+def _write(client: LabelStudioClient, project: str, writes: list[dict]) -> int:
+    """Write a batch; a task deleted since the listing makes Label Studio reject the whole batch (400), so
+    on a rejection the batch is written again without the tasks that are gone."""
+    try:
+        return client.create_predictions(project, writes)
+    except LabelStudioUnavailable:
+        raise
+    except LabelStudioError:
+        existing = client.tasks_by_id(project, [w["task"] for w in writes])
+        kept = [w for w in writes if w["task"] in existing]
+        if len(kept) == len(writes):
+            raise  # not a deleted task: a real error
+        log.info("project %s: %d task(s) deleted meanwhile, left out of the batch", project, len(writes) - len(kept))
+        return client.create_predictions(project, kept)
 
 
 # -- jobs -----------------------------------------------------------------------------------------

@@ -59,8 +59,11 @@ class LabelStudioAPI:
         deadline = time.monotonic() + 60
         while True:
             tasks = self.tasks(project)
-            if len(tasks) >= len(files) or time.monotonic() > deadline:
+            if len(tasks) >= len(files):
                 return tasks
+            if time.monotonic() > deadline:
+                raise LabelStudioError(f"project {project} has {len(tasks)} tasks after importing {len(files)} images")
+            time.sleep(0.5)
 
     def tasks(self, project: int, fields: str = "all", query: dict | None = None) -> list[dict]:
         out, page = [], 1

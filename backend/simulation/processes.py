@@ -31,6 +31,15 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out]
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
 def _kill(pid: int, sig=signal.SIGKILL) -> None:
     try:
         os.kill(pid, sig)
@@ -61,6 +70,7 @@ class LivetrainServer:
         self.proc = subprocess.Popen(command, cwd=cwd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self.redis_pid: int | None = None
+        self.stopped_pids: list[int] = []  # what stop() stopped: serve, RQ workers, work horses, redis-server
 
     @property
     def url(self) -> str:
@@ -117,24 +127,26 @@ class LivetrainServer:
 
     def stop(self) -> None:
         self.redis_pid = self.redis_pid or self._redis_pid()
-        if self.proc.poll() is None:
-            # A work horse has a session of its own and a warm shutdown would wait for a running round:
-            # kill the horses first, then the process group.
-            workers = self.worker_pids()
-            for horse in [h for w in workers for h in _children(w)]:
+        workers = self.worker_pids()
+        horses = [h for w in workers for h in _children(w)]
+        self.stopped_pids = [self.proc.pid, *workers, *horses, *([self.redis_pid] if self.redis_pid else [])]
+        # A work horse has a process group of its own and a warm shutdown would wait for a running round:
+        # kill the horses first, then the process group (also when serve itself already died: its RQ
+        # worker may still run in the group).
+        for horse in horses:
+            _kill(horse)
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=45)
+        except subprocess.TimeoutExpired:
+            log.warning("livetrain serve did not stop on SIGTERM; killing its process group")
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        except ProcessLookupError:
+            self.proc.poll()
+        for worker in workers:
+            for horse in _children(worker):
                 _kill(horse)
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=45)
-            except subprocess.TimeoutExpired:
-                log.warning("livetrain serve did not stop on SIGTERM; killing its process group")
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
-            except ProcessLookupError:
-                pass
-            for worker in workers:
-                for horse in _children(worker):
-                    _kill(horse)
         self._kill_leftover_redis()
         self._log.close()
 

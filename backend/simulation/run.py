@@ -62,7 +62,8 @@ def simulate(args: argparse.Namespace) -> int:
             if args.ml_user and args.ml_password:
                 env.update(BASIC_AUTH_USER=args.ml_user, BASIC_AUTH_PASS=args.ml_password)
             env.update(LABEL_STUDIO_URL=url, LABEL_STUDIO_API_KEY=key)
-            backend = LivetrainServer(out / "models", env=env, log_path=out / "serve.log")
+            # a fresh MODEL_DIR per run: a new Label Studio reuses project ids, and old versions would leak in
+            backend = LivetrainServer(Path(tempfile.mkdtemp(prefix="models-", dir=out)), env=env, log_path=out / "serve.log")
             stack.callback(backend.stop)
             health = backend.wait_ready(timeout=300)
             ml_url = backend.url
