@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import redis
 from flask import current_app
 
 from backend.jobs.connection import connect
