@@ -15,10 +15,7 @@ import argparse
 import http.server
 import io
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,6 +35,7 @@ from backend.labelstudio.convert import image_to_tensor  # noqa: E402
 from backend.model_store.models import model_from_version  # noqa: E402
 from backend.model_store.versions import VersionStore  # noqa: E402
 from backend.model_store.weights import resolve_starting_weights  # noqa: E402
+from backend.simulation.processes import LivetrainServer  # noqa: E402
 
 # After a forward, torch's OpenMP threads spin-wait for more work for a while; a pause between the
 # two measurements keeps one process's spinning threads from slowing the other's forward.
@@ -79,28 +77,6 @@ def serve_file(body: bytes) -> tuple[http.server.ThreadingHTTPServer, str]:
     return httpd, f"http://127.0.0.1:{httpd.server_address[1]}/bench.jpg"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(port: int, arch: str, model_dir: str) -> subprocess.Popen:
-    env = dict(os.environ, MODEL_DIR=model_dir, MODEL_ARCH=arch, LOG_LEVEL="WARNING")
-    proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--port", str(port), "--no-worker"],
-                            cwd=ROOT, env=env, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            requests.get(f"http://127.0.0.1:{port}/health", timeout=5).raise_for_status()
-            return proc
-        except requests.RequestException:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                raise RuntimeError("livetrain serve did not come up")
-            time.sleep(0.5)
-
-
 def publish_version(model_dir: str, arch: str):
     """Publish one version of the starting model (new head) for project 1, as a training round would,
     and return (architecture, the same model as the server will load it)."""
@@ -116,14 +92,18 @@ def publish_version(model_dir: str, arch: str):
     return weights.arch, model
 
 
-def measure(url: str, port: int, runs: int, arch: str, body: bytes) -> tuple[str, list[float], list[float]]:
+def measure(url: str, runs: int, arch: str, body: bytes) -> tuple[str, list[float], list[float]]:
     """Alternate one /predict and one bare forward, so drift in machine speed hits both alike."""
     tensor = image_to_tensor(Image.open(io.BytesIO(body)).convert("RGB"))
     with tempfile.TemporaryDirectory() as model_dir:
         name, model = publish_version(model_dir, arch)
-        proc = start_server(port, arch, model_dir)
+        # the server finds the same starting weights as publish_version() above
+        env = {"MODEL_ARCH": arch, "LOG_LEVEL": "WARNING", "TORCH_HOME": Path(torch.hub.get_dir()).parent,
+               "DOWNLOAD_WEIGHTS": os.environ.get("DOWNLOAD_WEIGHTS", "true")}
+        server = LivetrainServer(Path(model_dir), env=env, worker=False, cwd=ROOT)
         try:
-            base = f"http://127.0.0.1:{port}/predict"
+            server.wait_ready(timeout=120)
+            base = server.url + "/predict"
             payload = {"tasks": [{"id": 1, "data": {"image": url}}], "project": "1.1", "label_config": CONFIG}
             session = requests.Session()
             http_times, forward_times = [], []
@@ -142,8 +122,7 @@ def measure(url: str, port: int, runs: int, arch: str, body: bytes) -> tuple[str
                         forward_times.append(forward_s)
             return name, http_times, forward_times
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)
+            server.stop()
 
 
 def main() -> None:
@@ -154,7 +133,7 @@ def main() -> None:
     args = parser.parse_args()
     body = bench_image(args.image)
     httpd, url = serve_file(body)
-    arch, http_times, forward_times = measure(url, free_port(), args.runs, args.arch, body)
+    arch, http_times, forward_times = measure(url, args.runs, args.arch, body)
     httpd.shutdown()
     http_ms = 1000 * statistics.median(http_times)
     forward_ms = 1000 * statistics.median(forward_times)

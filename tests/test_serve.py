@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,13 +13,8 @@ import redis
 import requests
 from rq import Worker
 
+from backend.simulation.processes import free_port
 from tests.conftest import BOX_CONFIG, png_bytes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(url: str, seconds: float = 90.0, **kwargs) -> requests.Response:

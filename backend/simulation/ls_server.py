@@ -41,8 +41,14 @@ def cache_dir() -> Path:
 def ensure_venv(venv: Path | None = None) -> Path:
     """The venv holding ``label-studio==1.23.2``; installs it (pip, ~1 GB, 1-2 min) if missing."""
     venv = Path(venv or os.environ.get("LS_VENV") or cache_dir() / f"label-studio-{LS_VERSION}")
-    marker = venv / ".livetrain-ok"
-    if marker.exists() or (venv / "bin" / "label-studio").exists() and _version(venv) == LS_VERSION:
+    marker = venv / ".livetrain-ok"  # written once the version is known right: later calls skip the check
+    if marker.exists():
+        return venv
+    if (venv / "bin" / "label-studio").exists() and _version(venv) == LS_VERSION:
+        try:
+            marker.write_text(LS_VERSION)
+        except OSError:  # a read-only venv someone else installed: fine, check again next time
+            pass
         return venv
     venv.parent.mkdir(parents=True, exist_ok=True)
     with open(venv.parent / f".{venv.name}.lock", "w") as lock:  # two test sessions must not both install

@@ -20,10 +20,14 @@ import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import requests
 
+from backend.labelstudio.annotations import box_to_pixels
+from backend.labelstudio.convert import box_to_region
+from backend.labelstudio.label_config import parse_label_config
 from backend.metrics.quality import quality
 from backend.simulation.ls_api import LabelStudioAPI
 from backend.training.coco import CocoImage, load_coco
@@ -50,14 +54,20 @@ def label_config(classes: list[str]) -> str:
             f'{labels}\n  </RectangleLabels>\n</View>')
 
 
+@lru_cache(maxsize=8)
+def _control(classes: tuple[str, ...]):
+    return parse_label_config(label_config(list(classes))).primary
+
+
 def ground_truth_result(image: CocoImage, classes: list[str]) -> list[dict]:
-    """The image's boxes as Label Studio rectangle results (percent of the image)."""
+    """The image's boxes as Label Studio rectangle results (percent of the image), as a person draws them."""
+    control = _control(tuple(classes))
     out = []
-    for (x1, y1, x2, y2), label in zip(image.boxes, image.labels):
-        value = {"x": 100 * x1 / image.width, "y": 100 * y1 / image.height, "width": 100 * (x2 - x1) / image.width,
-                 "height": 100 * (y2 - y1) / image.height, "rotation": 0, "rectanglelabels": [classes[label - 1]]}
-        out.append({"from_name": "label", "to_name": "image", "type": "rectanglelabels", "value": value,
-                    "original_width": image.width, "original_height": image.height, "image_rotation": 0})
+    for box, label in zip(image.boxes, image.labels):
+        region = box_to_region(box, classes[label - 1], 1.0, image.width, image.height, control)
+        if region:
+            region.pop("score")  # an annotation, not a prediction
+            out.append(region)
     return out
 
 
@@ -69,8 +79,7 @@ def predicted_boxes(result: list[dict], width: int, height: int) -> list[tuple]:
         labels = value.get("rectanglelabels") or []
         if not labels:
             continue
-        x1, y1 = value["x"] * width / 100, value["y"] * height / 100
-        box = (x1, y1, x1 + value["width"] * width / 100, y1 + value["height"] * height / 100)
+        box = box_to_pixels((value["x"], value["y"], value["width"], value["height"]), width, height)
         out.append((box, labels[0], float(region.get("score", 0.0) or 0.0)))
     return out
 
