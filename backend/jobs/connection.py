@@ -46,9 +46,14 @@ def _server_alive(db_path: Path) -> bool:
 
 
 def _stop(client) -> None:
-    # Plain SHUTDOWN NOSAVE: the bundled server is Redis 6.2, which rejects 7.0's NOW/FORCE options.
+    # Plain SHUTDOWN NOSAVE: the bundled server is Redis 6.2, which rejects 7.0's NOW/FORCE options. On a
+    # connection without retries: the server closing it is the success, and redis-py's default retries
+    # would spend ~4 s per server reconnecting to it (each test app starts one: minutes at exit).
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
     try:
-        client.shutdown(nosave=True)
+        redis.Redis(unix_socket_path=client.socket_file, retry=Retry(NoBackoff(), 0)).shutdown(nosave=True)
     except redis.ConnectionError:  # the server closes the connection as it exits: that is success
         pass
     except Exception as exc:
