@@ -108,3 +108,19 @@ def wait_until(predicate, timeout: float = 120.0, interval: float = 0.3, what: s
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+POLYGON_CONFIG = CONFIG.replace("RectangleLabels", "PolygonLabels")
+BRUSH_CONFIG = CONFIG.replace("RectangleLabels", "BrushLabels")
+
+
+def shapes_with_masks(seed: int, width: int = 160, height: int = 120, count: int | None = None):
+    """``shapes_image`` plus each object's own mask: (PNG bytes, [(bool mask HxW, label), ...]). Discs are
+    drawn as ellipses, so their masks are round, not boxes."""
+    png, objects = shapes_image(seed, width, height, count)
+    out = []
+    for x1, y1, x2, y2, label in objects:
+        canvas = Image.new("L", (width, height), 0)
+        (ImageDraw.Draw(canvas).rectangle if label == "Square" else ImageDraw.Draw(canvas).ellipse)((x1, y1, x2, y2), fill=255)
+        out.append((np.asarray(canvas) > 0, label))
+    return png, out

@@ -51,9 +51,16 @@ def health():
         weights_source=starting.source,
         weights_detail=starting.detail,
         warnings=list(starting.warnings),
+        mask_model=_weights_summary(app.starting_for("masks")),
         redis=ping(app.settings),
         version=__version__,
     )
+
+
+def _weights_summary(starting) -> dict:
+    """What PolygonLabels / BrushLabels projects start from (Mask R-CNN)."""
+    return {"model_class": starting.arch, "pretrained": starting.pretrained, "weights_source": starting.source,
+            "warnings": list(starting.warnings)}
 
 
 def active_versions(model_dir) -> dict:

@@ -11,28 +11,31 @@ from backend.jobs.connection import connect
 from backend.inference.predictor import ModelPool, Predictor
 from backend.model_store.models import pick_device
 from backend.labelstudio.images import ImageFetcher
-from backend.model_store.weights import StartingWeights, resolve_starting_weights
+from backend.model_store.weights import StartingWeights, StartingWeightsByTask
 from backend.settings import Settings
 
 
 @dataclass
 class AppState:
     settings: Settings
-    starting: StartingWeights
+    starting_for: StartingWeightsByTask  # task kind -> starting weights
+
+    @property
+    def starting(self) -> StartingWeights:
+        """The box detector's starting weights (what /health reports first)."""
+        return self.starting_for("boxes")
     fetcher: ImageFetcher
     predictor: Predictor
     redis: redis.Redis
 
     @classmethod
     def build(cls, settings: Settings) -> "AppState":
-        starting = resolve_starting_weights(
-            settings.model_arch, settings.weights_path, settings.weights_sha256, settings.download_weights
-        )
+        starting_for = StartingWeightsByTask(settings)
+        starting_for("boxes"), starting_for("masks")  # resolved now: /health reports both, requests never wait
         fetcher = ImageFetcher(settings)
-        pool = ModelPool(starting, settings.model_dir, pick_device(settings.device), settings.min_size)
-        predictor = Predictor(pool, fetcher, settings.score_threshold, settings.max_detections, settings.uncertainty,
-                              settings.predict_skip_annotated)
-        return cls(settings, starting, fetcher, predictor, connect(settings))
+        pool = ModelPool(starting_for, settings.model_dir, pick_device(settings.device), settings.min_size)
+        predictor = Predictor.from_settings(pool, fetcher, settings)
+        return cls(settings, starting_for, fetcher, predictor, connect(settings))
 
 
 def state() -> AppState:

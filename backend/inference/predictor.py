@@ -9,16 +9,19 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
 from backend.errors import ImageError, LivetrainError
+from backend.inference.detect import paste_in_box
 from backend.inference.uncertainty import detect_and_score
-from backend.labelstudio.convert import box_to_region, image_to_tensor
+from backend.labelstudio.convert import box_to_region, image_to_tensor, mask_to_regions
 from backend.labelstudio.images import ImageFetcher
 from backend.labelstudio.label_config import ControlTag, LabelConfig
-from backend.model_store.models import model_from_version, size_kwargs
+from backend.model_store.models import model_from_version, size_kwargs, version_task
 from backend.model_store.versions import VersionStore
 from backend.model_store.weights import StartingWeights
 
@@ -36,6 +39,11 @@ class LoadedModel:
     version: str
     classes: tuple[str, ...]  # index i + 1 of the head -> classes[i]; 0 is background
 
+    @property
+    def task(self) -> str:
+        """``masks`` for a Mask R-CNN, else ``boxes``."""
+        return "masks" if getattr(getattr(self.model, "roi_heads", None), "mask_predictor", None) is not None else "boxes"
+
 
 @dataclass
 class _Entry:
@@ -47,16 +55,18 @@ class _Entry:
 class ModelPool:
     """The model each project serves, kept in memory (never loaded per request).
 
-    A project serves its ACTIVE version. Before its first version it serves the pretrained detector's
+    A project serves its ACTIVE version when that version is of the project's kind (boxes or masks: a
+    project whose config moved from rectangles to polygons does not get boxes). Before its first version
+    it serves the pretrained detector's
     own head if some of its classes map onto the project's labels (COCO names or ``predicted_values``),
     and nothing otherwise: an untrained head's boxes would only be noise to delete. A background thread
     checks each project's ACTIVE marker every REFRESH_SECONDS and swaps in a new version, so requests
     never wait for a reload.
     """
 
-    def __init__(self, starting: StartingWeights, model_dir: Path, device: torch.device, min_size: int = 0,
-                 capacity: int = 8):
-        self.starting = starting
+    def __init__(self, starting: Callable[[str], StartingWeights], model_dir: Path, device: torch.device,
+                 min_size: int = 0, capacity: int = 8):
+        self.starting = starting  # task kind -> the starting weights of that kind
         self.model_dir = Path(model_dir)
         self.device = device
         self.min_size = min_size
@@ -69,8 +79,9 @@ class ModelPool:
     def get(self, project: str, control: ControlTag) -> LoadedModel | None:
         with self._lock:
             entry = self._entries.get(project)
-            if entry is not None and (entry.loaded is None or entry.loaded.version == BASE_VERSION):
-                if entry.control != control:  # the label config changed: what maps onto it may too
+            if entry is not None and entry.control != control:
+                # the label config changed: what maps onto it may too, and so may the kind of model
+                if entry.loaded is None or entry.loaded.version == BASE_VERSION or entry.control.task != control.task:
                     entry = None
             if entry is None:
                 entry = self._load(project, control)
@@ -97,11 +108,15 @@ class ModelPool:
         name = store.active()
         if name is not None:
             state, meta = store.load(name)
-            log.info("project %s: serving version %s", project, name)
-            return LoadedModel(model_from_version(state, meta, self.min_size), name, tuple(meta["classes"]))
-        classes = self.starting.categories[1:]
+            if version_task(meta) == control.task:
+                log.info("project %s: serving version %s", project, name)
+                return LoadedModel(model_from_version(state, meta, self.min_size), name, tuple(meta["classes"]))
+            log.warning("project %s: version %s predicts %s but the label config asks for %s; not served",
+                        project, name, version_task(meta), control.task)
+        starting = self.starting(control.task)
+        classes = starting.categories[1:]
         if classes and any(control.label_for(c) for c in classes):
-            return LoadedModel(self.starting.build_with_own_head(**size_kwargs(self.min_size)), BASE_VERSION, classes)
+            return LoadedModel(starting.build_with_own_head(**size_kwargs(self.min_size)), BASE_VERSION, classes)
         return None
 
     def refresh(self) -> None:
@@ -138,8 +153,12 @@ class Predictor:
     version, from the pool) and by the re-scoring / "complete" jobs (the version they were asked for)."""
 
     def __init__(self, pool: ModelPool | None, fetcher: ImageFetcher, score_threshold: float, max_detections: int,
-                 uncertainty: str = "least_confidence", skip_annotated: bool = False):
+                 uncertainty: str = "least_confidence", skip_annotated: bool = False, mask_output: str = "instance",
+                 polygon_tolerance: float = 1.5, polygon_max_points: int = 200):
         self.pool = pool
+        self.mask_output = mask_output
+        self.polygon_tolerance = polygon_tolerance
+        self.polygon_max_points = polygon_max_points
         self.fetcher = fetcher
         self.score_threshold = score_threshold
         self.max_detections = max_detections
@@ -150,6 +169,12 @@ class Predictor:
         # forwards to one dedicated thread instead measured ~35% slower in gunicorn than running them on
         # the request thread; scripts/bench_predict.py shows the difference.)
         self._forward_lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, pool: ModelPool | None, fetcher: ImageFetcher, settings, skip_annotated: bool | None = None):
+        return cls(pool, fetcher, settings.score_threshold, settings.max_detections, settings.uncertainty,
+                   settings.predict_skip_annotated if skip_annotated is None else skip_annotated,
+                   settings.mask_output, settings.polygon_tolerance, settings.polygon_max_points)
 
     def version(self, project: str) -> str:
         return VersionStore(self.pool.model_dir, project).active() or BASE_VERSION
@@ -208,12 +233,38 @@ class Predictor:
         if threshold is None:
             threshold = control.score_threshold if control.score_threshold is not None else self.score_threshold
         limit = self.max_detections if max_detections is None else max_detections
-        regions = []
-        for box, label, score in zip(det["boxes"].tolist(), det["labels"].tolist(), det["scores"].tolist()):
-            if score < threshold or len(regions) >= limit:
-                continue  # detections come sorted by score
-            name = control.label_for(loaded.classes[label - 1])
-            region = box_to_region(box, name, score, width, height, control) if name else None
-            if region:
-                regions.append(region)
+        kept = []  # (index, Label Studio label, score): detections come sorted by score
+        for i, (label, score) in enumerate(zip(det["labels"].tolist(), det["scores"].tolist())):
+            name = control.label_for(loaded.classes[label - 1]) if score >= threshold else None
+            if name and len(kept) < limit:
+                kept.append((i, name, score))
+        if control.task == "masks" and "masks" in det:
+            regions = self._mask_regions(det, kept, width, height, control)
+        else:
+            boxes = det["boxes"].tolist()
+            regions = [r for i, name, score in kept if (r := box_to_region(boxes[i], name, score, width, height, control))]
         return {"result": regions, "score": confidence, "model_version": loaded.version}
+
+    def _mask_regions(self, det: dict, kept: list, width: int, height: int, control: ControlTag) -> list[dict]:
+        """Each kept detection's mask, pasted into its own box only (memory stays bounded whatever the image
+        size), as polygon or brush regions: one per object (MASK_OUTPUT=instance), or one per class with the
+        union of its objects and the best of their scores (semantic)."""
+        shape = dict(tolerance=self.polygon_tolerance, max_points=self.polygon_max_points)
+        boxes = det["boxes"]
+        if self.mask_output == "instance":
+            regions = []
+            for i, name, score in kept:
+                crop, offset = paste_in_box(det["masks"][i], boxes[i], width, height)
+                if crop.size:
+                    regions += mask_to_regions(crop, offset, name, score, width, height, control, **shape)
+            return regions
+        classes: dict[str, tuple[np.ndarray, float]] = {}
+        for i, name, score in kept:  # one full-size mask per class present, not per object
+            crop, (x0, y0) = paste_in_box(det["masks"][i], boxes[i], width, height)
+            union, best = classes.get(name) or (np.zeros((height, width), dtype=bool), score)
+            union[y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]] |= crop
+            classes[name] = (union, max(best, score))
+        regions = []
+        for name, (union, best) in classes.items():
+            regions += mask_to_regions(union, (0, 0), name, best, width, height, control, **shape)
+        return regions

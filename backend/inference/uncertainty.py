@@ -34,7 +34,8 @@ measure here is a confidence in [0, 1]: 1.0 = the model is sure about this image
 
         confidence = 1 - sum_d s_d (1 - m_d) / max(sum_d s_d, 1)
 
-    1.0 when both views agree exactly or both are empty. The denominator is at least one detection's
+    1.0 when both views agree exactly or both are empty. For a Mask R-CNN the boxes stand for the masks
+    (each mask lies inside its box, and a mask that moves moves its box). The denominator is at least one detection's
     worth, so a lone 0.06 candidate that the other view misses costs 0.06, while a 0.9 detection that
     vanishes under the flip costs 0.9.
 """
@@ -50,6 +51,7 @@ from torch import nn
 from torchvision.ops import box_iou
 
 from backend.errors import LivetrainError
+from backend.inference.detect import forward
 
 MEASURES = ("least_confidence", "entropy", "flip_stability")
 CANDIDATE_FLOOR = 0.05  # proposals whose best foreground probability is below this are not candidates
@@ -128,18 +130,20 @@ def class_distributions(model: nn.Module):
 
 
 def detect_and_score(model: nn.Module, tensors: list[torch.Tensor], measure: str) -> tuple[list[dict], list[float]]:
-    """Run ``model`` on ``tensors`` (CxHxW in [0, 1]); return its detections and each image's confidence."""
+    """Run ``model`` on ``tensors`` (CxHxW in [0, 1]); return its detections (``detect.forward``: a Mask R-CNN's
+    masks stay at RoI resolution) and each image's confidence. Every measure works for boxes and masks alike:
+    all read the box head, which a Mask R-CNN shares with a Faster R-CNN."""
     if measure not in MEASURES:
         raise LivetrainError(f"unknown UNCERTAINTY={measure!r}; choose one of {', '.join(MEASURES)}")
     with torch.inference_mode():
         if measure == "entropy":
             with class_distributions(model) as probs:
-                detections = model(tensors)
+                detections = forward(model, tensors)
             return detections, [entropy_confidence(p) for p in probs]
         if measure == "flip_stability":
-            outputs = model(tensors + [t.flip(-1) for t in tensors])
+            outputs = forward(model, tensors + [t.flip(-1) for t in tensors])
             detections, mirrored = outputs[: len(tensors)], outputs[len(tensors):]
             return detections, [flip_stability(d, unflip(m, t.shape[-1]))
                                 for d, m, t in zip(detections, mirrored, tensors)]
-        detections = model(tensors)
+        detections = forward(model, tensors)
         return detections, [least_confidence(d["scores"].tolist()) for d in detections]

@@ -262,7 +262,7 @@ def _setup(settings: Settings, connection: redis.Redis, project: str, version: s
     model.roi_heads.score_thresh = RAW_SCORE_FLOOR  # as /predict serves it: the uncertainty sees every candidate
     model.to(pick_device(settings.device)).eval()
     loaded = LoadedModel(model, version, tuple(meta["classes"]))
-    predictor = Predictor(None, fetcher, settings.score_threshold, settings.max_detections, settings.uncertainty)
+    predictor = Predictor.from_settings(None, fetcher, settings, skip_annotated=False)
     return client, control, loaded, predictor
 
 

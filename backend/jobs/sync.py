@@ -27,7 +27,9 @@ class SyncReport:
 
 def sync_project(client: LabelStudioClient, project: str, control: ControlTag, training_set: TrainingSet,
                  dirty: set[int], deleted: set[int], full: bool) -> SyncReport:
-    full = full or training_set.synced_at is None
+    # a different control (the label config changed) makes every stored record stale
+    full = full or training_set.synced_at is None or (training_set.control, training_set.task) != (control.from_name, control.task)
+    training_set.control, training_set.task = control.from_name, control.task
     if full:
         # summaries first: a change made while we list the tasks then shows up as a difference next time
         summaries = {int(s["id"]): s["updated_at"] for s in client.task_summaries(project)}

@@ -26,7 +26,7 @@ from backend.labelstudio.images import ImageFetcher
 from backend.labelstudio.label_config import parse_label_config
 from backend.model_store.models import pick_device
 from backend.model_store.versions import VersionStore
-from backend.model_store.weights import resolve_starting_weights
+from backend.model_store.weights import StartingWeightsByTask
 from backend.settings import Settings
 from backend.training.dataset import TrainingSet
 from backend.training.engine import Hook, TrainState
@@ -165,10 +165,10 @@ def _train_locked(settings: Settings, connection: redis.Redis, state: ProjectSta
     # Label Studio down: the labels are those of the active version plus any the synced annotations use
     labels = control.labels if control is not None else tuple(dict.fromkeys(
         [*(store.meta(active)["classes"] if active else []), *(label for r in records for label in r.labels)]))
-    starting = resolve_starting_weights(settings.model_arch, settings.weights_path, settings.weights_sha256,
-                                        settings.download_weights)
+    task = control.task if control is not None else training_set.task
+    starting = StartingWeightsByTask(settings)(task)
     state.set_status(state="training", waiting=None, progress={"step": 0, "steps": settings.train_steps})
-    meta = run_round(settings, starting, fetcher, RoundInputs(project, title, labels, records),
+    meta = run_round(settings, starting, fetcher, RoundInputs(project, title, labels, records, task),
                      pick_device(settings.device), hooks=[_Progress(state)])
     last_round = {k: meta[k] for k in ("name", "parent", "images", "new_images", "annotations", "mode", "steps",
                                        "losses", "duration_s", "published_at")}

@@ -4,6 +4,13 @@ A task can carry several annotations (several annotators, updates, skips). We tr
 the newest usable one, preferring ground truth. Boxes stay in Label Studio's percent units
 (x, y, width, height of the image, top-left origin); ``box_to_pixels`` converts them once the image
 size is known.
+
+Mask projects (PolygonLabels / BrushLabels) keep each region's shape as Label Studio sent it, in ``masks``
+(``{"points": [[x%, y%], ...]}`` or ``{"rle": [...], "width": W, "height": H}``), rasterised only when a
+training step needs it and at the size it needs (see ``convert.region_mask``); ``boxes`` then hold each
+shape's bounding box, also in percent. Every result is one instance: several polygons or brush regions
+of one label in one annotation stay separate objects (Label Studio makes a separate region of each
+detached brush stroke; paint one region per object).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ class LabeledImage:
     updated_at: str  # the chosen annotation's updated_at (ISO string, as Label Studio sent it)
     boxes: tuple[Box, ...]  # percent units: (x, y, width, height); rotation ignored
     labels: tuple[str, ...]  # the Label Studio label of each box
+    masks: tuple[dict, ...] = ()  # mask projects: one shape per box (see the module doc); empty for boxes
 
     @property
     def is_negative(self) -> bool:
@@ -42,14 +50,18 @@ class LabeledImage:
             "updated_at": self.updated_at,
             "boxes": [list(box) for box in self.boxes],
             "labels": list(self.labels),
+            **({"masks": list(self.masks)} if self.masks else {}),
         }
 
     @classmethod
     def from_json(cls, d: dict) -> "LabeledImage":
         boxes = tuple(tuple(float(v) for v in box) for box in d.get("boxes", ()))
         labels = tuple(str(label) for label in d.get("labels", ()))
+        masks = tuple(dict(m) for m in d.get("masks", ()))
         if len(boxes) != len(labels) or any(len(box) != 4 for box in boxes):
             raise ValueError("a LabeledImage needs one label per box and 4 numbers per box")
+        if masks and len(masks) != len(boxes):
+            raise ValueError("a LabeledImage of a mask project needs one shape per box")
         return cls(
             task_id=int(d["task_id"]),
             image_url=str(d["image_url"]),
@@ -57,6 +69,7 @@ class LabeledImage:
             updated_at=str(d.get("updated_at") or ""),
             boxes=boxes,  # type: ignore[arg-type]
             labels=labels,
+            masks=masks,
         )
 
 
@@ -104,7 +117,7 @@ def _region_box(value: dict) -> Box | None:
 
 
 def labeled_image(task: dict, control) -> LabeledImage | None:
-    """The training example for ``task`` under ``control`` (a RectangleLabels ControlTag), or None
+    """The training example for ``task`` under ``control`` (a supported ControlTag), or None
     when the task has no usable annotation (none, or all cancelled) or no image URL."""
     task_id = task.get("id")
     data = task.get("data") if isinstance(task.get("data"), dict) else {}
@@ -119,25 +132,31 @@ def labeled_image(task: dict, control) -> LabeledImage | None:
 
     boxes: list[Box] = []
     labels: list[str] = []
+    masks: list[dict] = []
     for region in annotation.get("result") or ():
         if not isinstance(region, dict) or region.get("from_name") != control.from_name:
             continue
-        if region.get("type") != "rectanglelabels":
+        if region.get("type") != control.result_type:
             continue
         value = region.get("value") if isinstance(region.get("value"), dict) else {}
-        names = value.get("rectanglelabels") or value.get("labels") or []
+        names = value.get(control.result_type) or value.get("labels") or []
         known = [name for name in names if name in control.labels] if isinstance(names, list) else []
         if not known:
             log.info("task %s annotation %s: region label %s is not in the label config %s; dropped",
                      task_id, annotation["id"], names, list(control.labels))
             continue
-        box = _region_box(value)
+        if control.task == "masks":
+            shape, box, why = _region_shape(region, value)
+        else:
+            shape, box = None, _region_box(value)
+            why = "has zero area or invalid coordinates"
         if box is None:
-            log.info("task %s annotation %s: region %s has zero area or invalid coordinates; dropped",
-                     task_id, annotation["id"], region.get("id"))
+            log.info("task %s annotation %s: region %s %s; dropped", task_id, annotation["id"], region.get("id"), why)
             continue
         boxes.append(box)
         labels.append(known[0])
+        if shape is not None:
+            masks.append(shape)
     return LabeledImage(
         task_id=task_id,
         image_url=image_url.strip(),
@@ -145,7 +164,46 @@ def labeled_image(task: dict, control) -> LabeledImage | None:
         updated_at=str(annotation.get("updated_at") or annotation.get("created_at") or ""),
         boxes=tuple(boxes),
         labels=tuple(labels),
+        masks=tuple(masks),
     )
+
+
+def _region_shape(region: dict, value: dict) -> tuple[dict | None, Box | None, str]:
+    """A polygon or brush region's shape (as stored in ``LabeledImage.masks``), its percent bounding box,
+    and why it is unusable when the box is None."""
+    from backend.labelstudio.masks import mask_box, rle_to_mask  # numpy/cv2 work: only mask projects need it
+
+    if "points" in value:
+        points = value.get("points")
+        if not isinstance(points, list):
+            return None, None, "has no point list"
+        pts = [(float(p[0]), float(p[1])) for p in points
+               if isinstance(p, (list, tuple)) and len(p) >= 2 and _number(p[0]) is not None and _number(p[1]) is not None]
+        if len(pts) < 3:
+            return None, None, f"is a polygon with {len(pts)} valid point(s), fewer than 3"
+        xs = [max(0.0, min(100.0, x)) for x, _ in pts]
+        ys = [max(0.0, min(100.0, y)) for _, y in pts]
+        if max(xs) <= min(xs) or max(ys) <= min(ys):
+            return None, None, "is a polygon with no area"
+        box = (min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys))
+        return {"points": [[round(x, 4), round(y, 4)] for x, y in pts]}, box, ""
+    rle = value.get("rle")
+    if rle is None:
+        # drafts may hold only stroke polylines ("touches"); a submitted annotation always has rle
+        return None, None, "has no rle (only brush strokes that were never encoded)"
+    width, height = region.get("original_width"), region.get("original_height")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (width, height)):
+        return None, None, "is a brush region without original_width/original_height"
+    try:
+        mask = rle_to_mask(rle, width, height)
+    except ValueError as exc:
+        return None, None, f"has an unusable brush RLE ({exc})"
+    pixels = mask_box(mask)
+    if pixels is None:
+        return None, None, "is an empty brush mask"
+    x1, y1, x2, y2 = pixels
+    box = (x1 / width * 100.0, y1 / height * 100.0, (x2 - x1) / width * 100.0, (y2 - y1) / height * 100.0)
+    return {"rle": list(rle), "width": width, "height": height}, box, ""
 
 
 def box_to_pixels(box: Box, width: float, height: float) -> tuple[float, float, float, float]:

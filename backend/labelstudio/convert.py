@@ -1,4 +1,8 @@
-"""Conversion between Label Studio results (percent coordinates) and pixel tensors."""
+"""Conversion between Label Studio results (percent coordinates, polygons, brush RLE) and pixel tensors/masks.
+
+Boxes and masks share this module: a box project emits ``rectanglelabels`` regions, a mask project
+``polygonlabels`` (one region per part of an instance) or ``brushlabels`` (one full-frame RLE per region).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import uuid
 
 import numpy as np
 import torch
+from PIL import Image
 
 from backend.labelstudio.label_config import ControlTag
 
@@ -43,6 +48,54 @@ def box_to_region(box, label: str, score: float, width: int, height: int, contro
         },
         "score": float(score),
     }
+
+
+def region_mask(shape: dict, width: int, height: int) -> np.ndarray:
+    """A stored shape (``LabeledImage.masks`` item) as a bool mask at ``width`` x ``height``, which may be
+    smaller than the image: polygons are rasterised directly at that size (memory stays bounded), brush RLE
+    is decoded at the size it was painted at and then resized."""
+    from backend.labelstudio.masks import polygon_to_mask, rle_to_mask
+
+    if "points" in shape:
+        return polygon_to_mask(shape["points"], width, height)
+    mask = rle_to_mask(shape["rle"], shape["width"], shape["height"])
+    if mask.shape != (height, width):
+        resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.BILINEAR)
+        mask = np.asarray(resized) >= 128
+    return mask
+
+
+def _mask_region(control: ControlTag, label: str, score: float | None, width: int, height: int, value: dict) -> dict:
+    region = {"id": region_id(), "from_name": control.from_name, "to_name": control.to_name,
+              "type": control.result_type, "original_width": int(width), "original_height": int(height),
+              "image_rotation": 0, "value": {**value, control.result_type: [label]}}
+    if score is not None:
+        region["score"] = float(score)
+    return region
+
+
+def mask_to_regions(mask: np.ndarray, offset: tuple[int, int], label: str, score: float | None, width: int,
+                    height: int, control: ControlTag, tolerance: float = 1.5, max_points: int = 200) -> list[dict]:
+    """One instance (or one class, in semantic output) as Label Studio regions.
+
+    ``mask`` is a bool crop of a ``width`` x ``height`` image whose top-left pixel sits at ``offset``.
+    PolygonLabels: one closed polygon per part (Label Studio polygons are single rings: holes are
+    filled, multi-part objects become several regions, each with its own id and the object's score).
+    BrushLabels: one 0/255 RLE of the full image (Label Studio decodes it into a canvas of the image's
+    natural size and draws the alpha channel).
+    """
+    from backend.labelstudio.masks import mask_to_polygons, mask_to_rle
+
+    if control.result_type == "polygonlabels":
+        polygons = mask_to_polygons(mask, width, height, offset=offset, tolerance=tolerance, max_points=max_points)
+        return [_mask_region(control, label, score, width, height, {"points": points, "closed": True})
+                for points in polygons]
+    if not mask.any():
+        return []
+    full = np.zeros((height, width), dtype=np.uint8)
+    x0, y0 = offset
+    full[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]] = mask
+    return [_mask_region(control, label, score, width, height, {"format": "rle", "rle": mask_to_rle(full)})]
 
 
 def image_to_tensor(image) -> torch.Tensor:

@@ -3,6 +3,13 @@
 We look for control tags that livetrain can learn (``RectangleLabels`` for boxes, ``PolygonLabels``
 and ``BrushLabels`` for masks) whose ``toName`` is an ``Image`` tag. Everything else in the config
 (Choices, TextArea, ...) is ignored, so a project can mix livetrain with manual-only fields.
+
+One project, one model, one control: livetrain trains and predicts the **primary** control, the first
+supported tag in document order that does not say ``model_skip="true"``. The other supported tags are
+left to people (their results are neither learned from nor predicted). So a config with RectangleLabels
+then PolygonLabels on one image trains a Faster R-CNN on the rectangles; add ``model_skip="true"`` to the
+RectangleLabels tag to train a Mask R-CNN on the polygons instead. (``model_skip`` is the attribute
+Label Studio's own ML backend examples use for the same purpose.)
 """
 
 from __future__ import annotations
@@ -63,7 +70,7 @@ class LabelConfig:
 
     @property
     def primary(self) -> ControlTag:
-        """The tag livetrain trains and predicts: the first supported one in the config."""
+        """The tag livetrain trains and predicts: the first supported one without ``model_skip="true"``."""
         return self.controls[0]
 
 
@@ -80,7 +87,7 @@ def parse_label_config(xml: str) -> LabelConfig:
         raise LabelConfigError(f"the label config is not valid XML ({exc}). " + HELP) from None
 
     images = {el.get("name"): el for el in root.iter() if el.tag == "Image" and el.get("name")}
-    controls = []
+    controls, skipped = [], []
     for el in root.iter():
         if el.tag not in SUPPORTED_TAGS:
             continue
@@ -98,6 +105,9 @@ def parse_label_config(xml: str) -> LabelConfig:
                 if alias.strip():
                     predicted[alias.strip()] = name
         if not labels:
+            continue
+        if (el.get("model_skip") or "").strip().lower() in ("true", "1", "yes"):
+            skipped.append(el.get("name", el.tag))
             continue
         threshold = el.get("model_score_threshold")
         try:
@@ -118,6 +128,9 @@ def parse_label_config(xml: str) -> LabelConfig:
                 attrs=dict(el.attrib),
             )
         )
+    if not controls and skipped:
+        raise LabelConfigError(f"every supported labeling tag has model_skip=\"true\" ({', '.join(skipped)}): "
+                               "remove it from the tag livetrain should learn")
     if not controls:
         found = sorted({el.tag for el in root.iter()} - {"View", "Header", "Label"})
         raise LabelConfigError(f"no supported labeling tag found (tags in config: {', '.join(found) or 'none'}). " + HELP)

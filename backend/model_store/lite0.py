@@ -24,8 +24,8 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from backend.errors import WeightsError
-from backend.model_store.architectures import freeze_batchnorm
-from backend.model_store.weights import sha256_file
+from backend.model_store.files import sha256_file
+from backend.model_store.layers import freeze_batchnorm, quiet_mask_logits
 
 log = logging.getLogger(__name__)
 
@@ -188,4 +188,6 @@ def build_lite0_maskrcnn(num_classes: int, pretrained_backbone: bool = True, min
                          max_size: int = 640, trainable_stages: int = 5, **kwargs) -> MaskRCNN:
     """Mask R-CNN on Lite0+FPN; ``num_classes`` includes background, ``kwargs`` go to MaskRCNN."""
     backbone = build_lite0_backbone(pretrained_backbone, trainable_stages)
-    return MaskRCNN(backbone, num_classes=num_classes, **_detector_kwargs(min_size, max_size, kwargs))
+    model = MaskRCNN(backbone, num_classes=num_classes, **_detector_kwargs(min_size, max_size, kwargs))
+    quiet_mask_logits(model.roi_heads.mask_predictor)
+    return model

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 
-from backend.model_store.architectures import build_detector, freeze_batchnorm
+from backend.model_store.architectures import build_detector, task_of
+from backend.model_store.layers import freeze_batchnorm, quiet_mask_logits
 from backend.model_store.weights import StartingWeights, load_detector_state
 
 
@@ -28,9 +30,14 @@ def model_from_version(state: dict, meta: dict, min_size: int = 0) -> nn.Module:
     return model
 
 
+def version_task(meta: dict) -> str:
+    """``boxes`` or ``masks``: what a published version predicts (from its architecture)."""
+    return meta.get("task") or task_of(meta["arch"])
+
+
 def extend_classes(model: nn.Module, old: int, new: int) -> None:
-    """Grow the box predictor from ``old`` to ``new`` classes (incl. background), keeping what it learned:
-    rows of known classes are copied, rows of new classes start fresh."""
+    """Grow the box (and mask) predictor from ``old`` to ``new`` classes (incl. background), keeping what it
+    learned: rows of known classes are copied, rows of new classes start fresh."""
     if new == old:
         return
     predictor = model.roi_heads.box_predictor
@@ -41,6 +48,14 @@ def extend_classes(model: nn.Module, old: int, new: int) -> None:
         grown.bbox_pred.weight[: 4 * old] = predictor.bbox_pred.weight
         grown.bbox_pred.bias[: 4 * old] = predictor.bbox_pred.bias
     model.roi_heads.box_predictor = grown.to(predictor.cls_score.weight.device)
+    masks = getattr(model.roi_heads, "mask_predictor", None)
+    if masks is not None:
+        grown = quiet_mask_logits(MaskRCNNPredictor(masks.conv5_mask.in_channels, masks.conv5_mask.out_channels, new))
+        with torch.no_grad():
+            grown.conv5_mask.load_state_dict(masks.conv5_mask.state_dict())
+            grown.mask_fcn_logits.weight[:old] = masks.mask_fcn_logits.weight
+            grown.mask_fcn_logits.bias[:old] = masks.mask_fcn_logits.bias
+        model.roi_heads.mask_predictor = grown.to(masks.mask_fcn_logits.weight.device)
 
 
 def model_for_round(starting: StartingWeights, parent: tuple[dict, dict] | None, classes: tuple[str, ...],

@@ -8,7 +8,6 @@ covers only the 8 hex digits in the file name, so we verify the full sha256 ours
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
@@ -23,17 +22,21 @@ from torch import nn
 from backend.errors import WeightsError
 from backend.model_store.architectures import (
     ARCHITECTURES,
-    LITE0,
+    OFFLINE,
     build_detector,
     coco_categories,
     coco_weights_enum,
-    freeze_batchnorm,
-    replace_box_predictor,
+    replace_heads,
+    task_of,
 )
+from backend.model_store.files import verify_name_prefix, verify_sha256
+from backend.model_store.layers import freeze_batchnorm
+from backend.model_store.lite0 import LITE0_SHA256, lite0_weights_file
 
 log = logging.getLogger(__name__)
 
 DEFAULT_COCO_ARCH = "fasterrcnn_mobilenet_v3_large_320_fpn"  # what MODEL_ARCH=auto uses when COCO weights exist
+MASK_KEY = "roi_heads.mask_predictor.mask_fcn_logits.weight"  # present in every Mask R-CNN state dict
 
 # sha256 of torchvision's published files (see shared/weights/README.md)
 KNOWN_SHA256 = {
@@ -42,6 +45,8 @@ KNOWN_SHA256 = {
     "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth": "258fb6c638b15964ddcdd1ae0748c5eef1be9e732750120cc857feed3faac384",
     "fasterrcnn_resnet50_fpn_v2_coco-dd69338a.pth": "dd69338a24b8d7381807e247652bdc356325bcbaf1cd3e092e00e0a1a58706bf",
 }
+# Files with no published full hash (torchvision's Mask R-CNNs) are checked against the 8 hex digits in their
+# name, which is all torchvision itself checks (files.verify_name_prefix).
 
 
 @dataclass(frozen=True)
@@ -57,12 +62,17 @@ class StartingWeights:
     def pretrained(self) -> bool:
         return self.source != "random"
 
+    @property
+    def task(self) -> str:
+        """``boxes`` or ``masks``: the kind of project these weights start."""
+        return task_of(self.arch)
+
     def build(self, num_classes: int, **kwargs) -> nn.Module:
-        """A detector with these weights and a new box predictor for ``num_classes`` (incl. background)."""
+        """A detector with these weights and new predictors for ``num_classes`` (incl. background)."""
         if self.state_dict is None:
             return build_detector(self.arch, num_classes, pretrained_backbone=self.source == "imagenet-lite0", **kwargs)
         model = self.build_with_own_head(**kwargs)
-        replace_box_predictor(model, num_classes)
+        replace_heads(model, num_classes)
         return model
 
     def build_with_own_head(self, **kwargs) -> nn.Module:
@@ -71,22 +81,6 @@ class StartingWeights:
         load_detector_state(model, self.state_dict)
         freeze_batchnorm(model.backbone.body)
         return model
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify_sha256(path: Path, expected: str | None) -> None:
-    if not expected:
-        return
-    actual = sha256_file(path)
-    if actual != expected.lower():
-        raise WeightsError(f"{path} has sha256 {actual}, expected {expected}: the file is corrupt or not the one named")
 
 
 def load_detector_state(model: nn.Module, state: dict) -> None:
@@ -109,8 +103,15 @@ def _read_state(path: Path) -> dict:
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or "roi_heads.box_predictor.cls_score.weight" not in state:
-        raise WeightsError(f"{path} is not a Faster R-CNN state dict")
+        raise WeightsError(f"{path} is not a Faster R-CNN or Mask R-CNN state dict")
     return state
+
+
+def verify_known(path: Path, name: str) -> None:
+    if name in KNOWN_SHA256:
+        verify_sha256(path, KNOWN_SHA256[name])
+    else:
+        verify_name_prefix(path, name)
 
 
 def _from_file(arch: str, path: Path, sha256: str) -> StartingWeights:
@@ -146,28 +147,26 @@ def _torchvision_coco(arch: str, download: bool) -> tuple[StartingWeights | None
         tmp = Path(tempfile.mkstemp(dir=cached.parent, suffix=".part")[1])
         try:
             torch.hub.download_url_to_file(url, str(tmp), progress=False)
-            verify_sha256(tmp, KNOWN_SHA256.get(name))
+            verify_known(tmp, name)
             os.replace(tmp, cached)
         except Exception as exc:
             tmp.unlink(missing_ok=True)
             return None, f"downloading {url} failed: {exc}"
     try:
-        verify_sha256(cached, KNOWN_SHA256.get(name))
+        verify_known(cached, name)
         state = _read_state(cached)
     except WeightsError as exc:
         return None, exc.message
     return StartingWeights(arch, "torchvision-coco", str(cached), state, tuple(coco_categories(arch))), ""
 
 
-def _lite0_imagenet() -> tuple[StartingWeights | None, str]:
-    from backend.model_store.lite0 import LITE0_SHA256, lite0_weights_file
-
+def _lite0_imagenet(task: str) -> tuple[StartingWeights | None, str]:
     try:
         path = lite0_weights_file()
         verify_sha256(path, LITE0_SHA256)
     except WeightsError as exc:
         return None, exc.message
-    return StartingWeights(LITE0, "imagenet-lite0", str(path)), ""
+    return StartingWeights(OFFLINE[task], "imagenet-lite0", str(path)), ""
 
 
 def _arch_of_file(path: Path) -> str:
@@ -179,33 +178,69 @@ def _arch_of_file(path: Path) -> str:
 
 
 def resolve_starting_weights(arch: str = "auto", weights_path: str = "", weights_sha256: str = "",
-                             download: bool = True) -> StartingWeights:
-    """Apply the starting-weights policy (see the module docstring and the README).
+                             download: bool = True, task: str = "boxes") -> StartingWeights:
+    """Apply the starting-weights policy (see the module docstring and the README) for a ``task`` kind.
 
-    ``arch="auto"``: torchvision's COCO weights for DEFAULT_COCO_ARCH when obtainable, otherwise the
-    offline ImageNet Lite0 backbone with new heads, otherwise random init. An explicit architecture keeps
-    that architecture. A broken explicit WEIGHTS_PATH is an error, not a fallback.
+    Boxes, ``arch="auto"``: torchvision's COCO weights for DEFAULT_COCO_ARCH when obtainable, otherwise the
+    offline ImageNet Lite0 backbone with new heads, otherwise random init. Masks, ``arch="auto"``: the offline
+    Lite0 Mask R-CNN (torchvision's only COCO Mask R-CNNs are ResNet-50 ones, ~10x slower per step on a CPU;
+    name one explicitly to use its COCO weights). An explicit architecture keeps that architecture.
+    WEIGHTS_PATH applies to the kind of model it holds (a Mask R-CNN file starts mask projects, any other
+    starts box projects); a broken explicit WEIGHTS_PATH is an error, not a fallback.
     """
+    if task not in OFFLINE:
+        raise ValueError(f"unknown task kind {task!r}")
+    if arch != "auto" and task_of(arch) != task:
+        raise ValueError(f"{arch} is a {task_of(arch)} architecture, not one for {task}")
+    reasons = []
     if weights_path:
         path = Path(weights_path).expanduser()
-        weights = _from_file(_arch_of_file(path) if arch == "auto" else arch, path, weights_sha256)
-        log.info("starting weights: %s", weights.detail)
-        return weights
-    reasons = []
-    if arch in ("auto", *[a for a in ARCHITECTURES if a != LITE0]):
+        kind = task_of(arch) if arch != "auto" else None
+        if kind is None:
+            file_arch = _arch_of_file(path) if _arch_of_file_known(path) else None
+            kind = task_of(file_arch) if file_arch else ("masks" if MASK_KEY in _read_state(path) else "boxes")
+        if kind == task:
+            weights = _from_file(arch if arch != "auto" else _arch_of_file(path), path, weights_sha256)
+            log.info("starting weights: %s", weights.detail)
+            return weights
+        reasons.append(f"WEIGHTS_PATH holds a {kind} model")
+    if arch == "auto" and task == "boxes" or arch in _TORCHVISION_ARCHS:
         weights, reason = _torchvision_coco(DEFAULT_COCO_ARCH if arch == "auto" else arch, download)
         if weights is not None:
             log.info("starting weights: torchvision COCO %s", weights.detail)
             return weights
         reasons.append(reason)
-    if arch in ("auto", LITE0):
-        weights, reason = _lite0_imagenet()
+    if arch in ("auto", OFFLINE[task]):
+        weights, reason = _lite0_imagenet(task)
         if weights is not None:
             log.info("starting weights: ImageNet EfficientNet-Lite0 backbone from %s (%s)", weights.detail, "; ".join(reasons) or "requested")
             return weights
         reasons.append(reason)
-    random_arch = DEFAULT_COCO_ARCH if arch == "auto" else arch
-    hint = "" if arch == "auto" else " (MODEL_ARCH=auto or fasterrcnn_lite0_fpn uses the offline ImageNet Lite0 backbone)"
+    random_arch = (DEFAULT_COCO_ARCH if task == "boxes" else OFFLINE[task]) if arch == "auto" else arch
+    hint = "" if arch == "auto" else f" (auto or {OFFLINE[task]} uses the offline ImageNet Lite0 backbone)"
     warning = f"no pretrained weights ({'; '.join(reasons)}); {random_arch} starts from random init and needs many more labeled images{hint}"
     log.warning(warning)
     return StartingWeights(random_arch, "random", "; ".join(reasons), warnings=(warning,))
+
+
+_TORCHVISION_ARCHS = tuple(a for a in ARCHITECTURES if coco_weights_enum(a) is not None)
+
+
+def _arch_of_file_known(path: Path) -> bool:
+    return any(path.name == coco_weights_enum(a).url.rsplit("/", 1)[-1] for a in _TORCHVISION_ARCHS)
+
+
+class StartingWeightsByTask:
+    """The starting weights of each task kind (boxes, masks), resolved once each on first use: what a web
+    process or a worker that serves both kinds of project holds. Call it with the kind."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self._resolved: dict[str, StartingWeights] = {}
+
+    def __call__(self, task: str) -> StartingWeights:
+        if task not in self._resolved:
+            s = self.settings
+            self._resolved[task] = resolve_starting_weights(s.arch_for(task), s.weights_path, s.weights_sha256,
+                                                            s.download_weights, task)
+        return self._resolved[task]

@@ -6,10 +6,12 @@ import logging
 import random
 from typing import Iterator
 
+import numpy as np
 import torch
+from PIL import Image
 
 from backend.errors import LivetrainError
-from backend.labelstudio.convert import image_to_tensor
+from backend.labelstudio.convert import image_to_tensor, region_mask
 from backend.labelstudio.annotations import LabeledImage, box_to_pixels
 from backend.labelstudio.images import ImageFetcher
 from backend.training.transforms import augment, drop_degenerate
@@ -17,21 +19,64 @@ from backend.training.transforms import augment, drop_degenerate
 log = logging.getLogger(__name__)
 
 
-def load_example(record: LabeledImage, fetcher: ImageFetcher, classes: tuple[str, ...]) -> tuple[torch.Tensor, dict]:
-    """Image tensor and torchvision target (pixel boxes, 1-based labels); an empty image is a negative."""
+def working_scale(width: int, height: int, limit: tuple[int, int] | None) -> float:
+    """The factor that brings an image down to ``limit`` = (shorter side, longer side), never up.
+
+    The detector resizes every image to its ``min_size`` anyway (``max_size`` for the longer side); shrinking
+    a large image to the largest size it will be used at first loses nothing and keeps the image and, for
+    masks, every full-size instance mask small (a 4000x3000 photo with 30 objects would be 360 MB of masks).
+    """
+    if not limit:
+        return 1.0
+    short, long = limit
+    return min(1.0, short / min(width, height), long / max(width, height))
+
+
+def load_example(record: LabeledImage, fetcher: ImageFetcher, classes: tuple[str, ...], task: str = "boxes",
+                 limit: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict]:
+    """Image tensor and torchvision target (pixel boxes, 1-based labels, and for ``task="masks"`` uint8
+    instance masks with the boxes derived from them), at most ``limit`` in size (see ``working_scale``).
+    An image with no region is a negative example."""
     image = fetcher.fetch(record.image_url)
+    scale = working_scale(*image.size, limit)
+    if scale < 1.0:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
     width, height = image.size
-    boxes = [box_to_pixels(box, width, height) for box in record.boxes]
     labels = [classes.index(label) + 1 for label in record.labels]
-    target = {
-        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-        "labels": torch.tensor(labels, dtype=torch.int64),
-    }
+    if task == "masks":
+        target = mask_target(record, labels, width, height)
+    else:
+        boxes = [box_to_pixels(box, width, height) for box in record.boxes]
+        target = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                  "labels": torch.tensor(labels, dtype=torch.int64)}
     return image_to_tensor(image), drop_degenerate(target)
 
 
+def mask_target(record: LabeledImage, labels: list[int], width: int, height: int) -> dict:
+    """Masks rasterised at the working size; each box is its mask's tight box (what Mask R-CNN learns)."""
+    from backend.labelstudio.masks import mask_box
+
+    masks, boxes, kept = [], [], []
+    for shape, label in zip(record.masks, labels):
+        try:
+            mask = region_mask(shape, width, height)
+        except ValueError as exc:
+            log.info("task %s: a region left out of training: %s", record.task_id, exc)
+            continue
+        box = mask_box(mask)
+        if box is None:  # a sliver that vanished at the working size
+            continue
+        masks.append(mask)
+        boxes.append(box)
+        kept.append(label)
+    stacked = torch.from_numpy(np.stack(masks).astype(np.uint8)) if masks else torch.zeros((0, height, width), dtype=torch.uint8)
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor(kept, dtype=torch.int64), "masks": stacked}
+
+
 def replay_batches(records: list[LabeledImage], new_ids: set[int], fetcher: ImageFetcher, classes: tuple[str, ...],
-                   batch_size: int, new_fraction: float, seed: int = 0) -> Iterator[tuple[list, list]]:
+                   batch_size: int, new_fraction: float, seed: int = 0, task: str = "boxes",
+                   limit: tuple[int, int] | None = None) -> Iterator[tuple[list, list]]:
     """Endless augmented batches. Each sample comes from the images added since the last version with
     probability ``new_fraction`` (so new corrections are learned quickly), otherwise from all images
     (replay, so earlier images and classes are not forgotten). Images that fail to load are skipped."""
@@ -48,7 +93,7 @@ def replay_batches(records: list[LabeledImage], new_ids: set[int], fetcher: Imag
             pool = fresh if fresh and rng.random() < new_fraction else usable
             record = rng.choice(pool)
             try:
-                image, target = load_example(record, fetcher, classes)
+                image, target = load_example(record, fetcher, classes, task, limit)
             except LivetrainError as exc:
                 log.warning("task %s left out of training: %s", record.task_id, exc.message)
                 broken.add(record.task_id)

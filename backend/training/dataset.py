@@ -21,6 +21,9 @@ class TrainingSet:
         self.records: dict[int, LabeledImage] = {int(k): LabeledImage.from_json(v) for k, v in data.get("records", {}).items()}
         self.summaries: dict[int, str] = {int(k): v for k, v in data.get("summaries", {}).items()}
         self.synced_at: float | None = data.get("synced_at")
+        # what the records were read for: a different control or kind (boxes/masks) needs a full sync
+        self.control: str = data.get("control", "")
+        self.task: str = data.get("task", "boxes")
 
     def put(self, task_id: int, record: LabeledImage | None) -> None:
         """Set the task's example; None removes it (no usable annotation any more, or task deleted)."""
@@ -34,7 +37,7 @@ class TrainingSet:
 
     def save(self) -> None:
         self.synced_at = time.time()
-        data = {"synced_at": self.synced_at,
+        data = {"synced_at": self.synced_at, "control": self.control, "task": self.task,
                 "records": {str(k): r.to_json() for k, r in sorted(self.records.items())},
                 "summaries": {str(k): v for k, v in sorted(self.summaries.items())}}
         write_atomic(self.path, json.dumps(data).encode())

@@ -13,15 +13,15 @@ from pathlib import Path
 import torch
 
 from backend.errors import LivetrainError
-from backend.labelstudio.annotations import LabeledImage, box_to_pixels
-from backend.labelstudio.convert import image_to_tensor
+from backend.inference.detect import forward, paste_in_box
+from backend.labelstudio.annotations import LabeledImage
 from backend.labelstudio.images import ImageFetcher
-from backend.metrics.quality import quality
-from backend.model_store.models import model_for_round, model_from_version
+from backend.metrics.quality import MaskCrop, iou, mask_iou, quality
+from backend.model_store.models import model_for_round, model_from_version, version_task
 from backend.model_store.versions import VersionStore
 from backend.model_store.weights import StartingWeights
 from backend.settings import Settings
-from backend.training.data import replay_batches
+from backend.training.data import load_example, replay_batches
 from backend.training.engine import CallbackHook, Hook, TrainState, sgd, train_steps, warmup_cosine
 from backend.training.transforms import scale_jitter
 
@@ -36,6 +36,7 @@ class RoundInputs:
     title: str  # version names are "<slug of title>-v<N>"
     labels: tuple[str, ...]  # the label config's labels, in order
     records: list[LabeledImage]
+    task: str = "boxes"  # the primary control's kind: boxes (Faster R-CNN) or masks (Mask R-CNN)
 
 
 def choose_mode(settings: Settings, images: int) -> str:
@@ -87,25 +88,49 @@ class RoundCheckpoint:
         self.path.unlink(missing_ok=True)
 
 
+def working_limit(model: torch.nn.Module) -> tuple[int, int]:
+    """The largest (shorter, longer) image side ``model`` uses, over all its training scales."""
+    return max(model.transform.min_size), model.transform.max_size
+
+
 def score_on_new_images(model, classes: tuple[str, ...], records: list[LabeledImage], fetcher: ImageFetcher,
-                        threshold: float, device: torch.device) -> float | None:
+                        threshold: float, device: torch.device, task: str = "boxes",
+                        all_classes: tuple[str, ...] | None = None) -> float | None:
     """Mean model quality score of ``model`` (whose head knows ``classes``) on images it never trained on:
-    an honest, prequential measure of how good its pre-labels were."""
+    an honest, prequential measure of how good its pre-labels were. Mask projects compare masks (mask IoU).
+    ``all_classes`` (a superset of ``classes``) must hold every label the records use."""
     scores = []
     model.eval()
+    limit = (model.transform.min_size[-1], model.transform.max_size)
     for record in records[:QUALITY_IMAGES]:
         try:
-            image = image_to_tensor(fetcher.fetch(record.image_url))
+            image, target = load_example(record, fetcher, all_classes or classes, task, limit)
         except LivetrainError as exc:
             log.info("task %s not scored: %s", record.task_id, exc.message)
             continue
         with torch.inference_mode():
-            out = model([image.to(device)])[0]
-        height, width = image.shape[-2:]
-        predicted = [(b, classes[l - 1], s) for b, l, s in zip(out["boxes"].tolist(), out["labels"].tolist(), out["scores"].tolist()) if s >= threshold]
-        annotated = [(box_to_pixels(b, width, height), l) for b, l in zip(record.boxes, record.labels)]
-        scores.append(quality(predicted, annotated).score)
+            out = forward(model, [image.to(device)])[0]
+        names = all_classes or classes
+        keep = [i for i, s in enumerate(out["scores"].tolist()) if s >= threshold]
+        labels, scores_ = out["labels"].tolist(), out["scores"].tolist()
+        annotated_names = [names[l - 1] for l in target["labels"].tolist()]
+        if task == "masks" and "masks" in out:
+            height, width = image.shape[-2:]
+            predicted = [(MaskCrop(*_crop_args(paste_in_box(out["masks"][i], out["boxes"][i], width, height))),
+                          classes[labels[i] - 1], scores_[i]) for i in keep]
+            annotated = [(MaskCrop.from_full(m.numpy().astype(bool)), n) for m, n in zip(target["masks"], annotated_names)]
+            scores.append(quality(predicted, annotated, overlap=mask_iou).score)
+        else:
+            boxes = out["boxes"].tolist()
+            predicted = [(boxes[i], classes[labels[i] - 1], scores_[i]) for i in keep]
+            annotated = list(zip(target["boxes"].tolist(), annotated_names))
+            scores.append(quality(predicted, annotated, overlap=iou).score)
     return statistics.mean(scores) if scores else None
+
+
+def _crop_args(pasted) -> tuple:
+    crop, (x0, y0) = pasted
+    return crop, x0, y0
 
 
 def run_round(settings: Settings, starting: StartingWeights, fetcher: ImageFetcher, inputs: RoundInputs,
@@ -115,6 +140,11 @@ def run_round(settings: Settings, starting: StartingWeights, fetcher: ImageFetch
     store = VersionStore(settings.model_dir, inputs.project)
     parent_name = store.active()
     parent = store.load(parent_name) if parent_name else None
+    if parent is not None and version_task(parent[1]) != inputs.task:
+        # the label config moved between boxes and masks: a Faster R-CNN cannot grow a mask head, start afresh
+        log.warning("project %s: active version %s predicts %s, the project now labels %s; starting a new model",
+                    inputs.project, parent_name, version_task(parent[1]), inputs.task)
+        parent = None
     parent_meta = parent[1] if parent else {}
     classes = tuple(parent_meta.get("classes", ()))
     classes += tuple(label for label in inputs.labels if label not in classes)  # labels added mid-project
@@ -126,31 +156,35 @@ def run_round(settings: Settings, starting: StartingWeights, fetcher: ImageFetch
         previous = model_from_version(*parent, min_size=settings.min_size).to(device)
         new_records = [r for r in records if r.task_id in new_ids]
         score = score_on_new_images(previous, tuple(parent_meta["classes"]), new_records, fetcher,
-                                    settings.score_threshold, device)
+                                    settings.score_threshold, device, inputs.task, classes)
         if score is not None:
             store.update_meta(parent_name, quality=score, quality_images=min(len(new_records), QUALITY_IMAGES))
 
+    if parent is None and starting.task != inputs.task:
+        raise LivetrainError(f"starting weights {starting.arch} are for {starting.task}, the project labels {inputs.task}")
     model = model_for_round(starting, parent, classes, settings.min_size).to(device)
     mode = choose_mode(settings, len(records))
     apply_mode(model, mode)
     base_size = model.transform.min_size[0]
     scale_jitter(model, base_size)
+    limit = working_limit(model)
     steps = settings.train_steps
     optimizer = sgd(model, settings.learning_rate)
     state = TrainState(model, optimizer, warmup_cosine(optimizer, steps, max(1, min(10, steps // 5))), steps)
     checkpoint = RoundCheckpoint(store.root / "checkpoints" / "round.pt")
-    key = {"parent": parent_name, "classes": list(classes), "mode": mode, "steps": steps}
+    key = {"parent": parent_meta.get("name"), "task": inputs.task, "classes": list(classes), "mode": mode, "steps": steps}
     if checkpoint.resume(state, key):
         log.info("project %s: resuming the interrupted round at step %d/%d", inputs.project, state.step, steps)
     save = CallbackHook(lambda s: checkpoint.save(s, key), every=settings.checkpoint_every)
     batches = replay_batches(records, new_ids, fetcher, classes, settings.batch_size, settings.new_fraction,
-                             seed=len(store.names()))
+                             seed=len(store.names()), task=inputs.task, limit=limit)
     train_steps(state, batches, device, [save, *hooks])
     model.transform.min_size = (base_size,)
 
     meta = {
-        "parent": parent_name,
+        "parent": parent_name if parent is not None else None,
         "arch": parent_meta.get("arch", starting.arch),
+        "task": inputs.task,
         "classes": list(classes),
         "images": len(records),
         "new_images": len(new_ids),
