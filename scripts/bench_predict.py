@@ -3,10 +3,18 @@ gunicorn, Flask, image fetch + cache, decode, conversion) vs the bare model forw
 measured in one run. Prints the ratio; the target is <= 1.25 on CPU.
 
     python scripts/bench_predict.py [--image PATH] [--runs 30] [--arch fasterrcnn_mobilenet_v3_large_320_fpn]
+    python scripts/bench_predict.py --arch maskrcnn_lite0_fpn [--output polygons|brush] [--version DIR]
 
 Without --image it uses a BCCD photo from ../shared/datasets when present, else a generated picture.
 The two are interleaved (one /predict, then one bare forward, repeated) so that drift in the machine's
 speed hits both alike; the server idles while the bare model runs, so they compete for no cores.
+
+A Mask R-CNN (``--arch maskrcnn_*``) answers a PolygonLabels (or BrushLabels) config, and the reference is
+the bare forward *plus* the mask post-processing the server does (pasting each returned instance into its
+box, contours or RLE), timed separately in process so that its share is printed. A model with an untrained
+head returns no region above SCORE_THRESHOLD, so there would be nothing to post-process: ``--version DIR``
+serves a trained version directory (``MODEL_DIR/<project>/versions/<name>``, e.g. from ``livetrain
+simulate``) instead, and ``--score-threshold`` lowers the threshold of both sides.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import argparse
 import http.server
 import io
+import json
 import os
 import statistics
 import sys
@@ -30,8 +39,11 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from backend.inference.predictor import RAW_SCORE_FLOOR  # noqa: E402
+from backend.inference.detect import forward  # noqa: E402
+from backend.inference.predictor import RAW_SCORE_FLOOR, LoadedModel, Predictor  # noqa: E402
 from backend.labelstudio.convert import image_to_tensor  # noqa: E402
+from backend.labelstudio.label_config import parse_label_config  # noqa: E402
+from backend.model_store.architectures import task_of  # noqa: E402
 from backend.model_store.models import model_from_version  # noqa: E402
 from backend.model_store.versions import VersionStore  # noqa: E402
 from backend.model_store.weights import resolve_starting_weights  # noqa: E402
@@ -44,8 +56,15 @@ CONFIG = """<View><Image name="image" value="$image"/><RectangleLabels name="lab
 <Label value="WBC"/><Label value="RBC"/><Label value="Platelets"/></RectangleLabels></View>"""
 
 
-def bench_image(path: str | None) -> bytes:
-    default = ROOT.parent / "shared/datasets/bccd/images/BloodImage_00000.jpg"
+def mask_config(output: str, classes) -> str:
+    tag = "PolygonLabels" if output == "polygons" else "BrushLabels"
+    labels = "".join(f'<Label value="{c}"/>' for c in classes)
+    return f'<View><Image name="image" value="$image"/><{tag} name="label" toName="image">{labels}</{tag}></View>'
+
+
+def bench_image(path: str | None, masks: bool = False) -> bytes:
+    default = ROOT.parent / ("shared/datasets/building_facades/images/val_0001.jpg" if masks
+                             else "shared/datasets/bccd/images/BloodImage_00000.jpg")
     if path or default.exists():
         image = Image.open(path or default).convert("RGB").resize((640, 480))
     else:
@@ -77,50 +96,71 @@ def serve_file(body: bytes) -> tuple[http.server.ThreadingHTTPServer, str]:
     return httpd, f"http://127.0.0.1:{httpd.server_address[1]}/bench.jpg"
 
 
-def publish_version(model_dir: str, arch: str):
-    """Publish one version of the starting model (new head) for project 1, as a training round would,
-    and return (architecture, the same model as the server will load it)."""
-    weights = resolve_starting_weights(arch, os.environ.get("WEIGHTS_PATH", ""), os.environ.get("WEIGHTS_SHA256", ""),
-                                       download=os.environ.get("DOWNLOAD_WEIGHTS", "true").lower() != "false")
-    classes = ["WBC", "RBC", "Platelets"]
-    torch.manual_seed(0)
+def publish_version(model_dir: str, arch: str, version: str | None = None):
+    """Publish one version for project 1: a trained ``version`` directory, else the starting model (new head)
+    as a training round would; return (architecture, the same model as the server will load it, classes)."""
     store = VersionStore(Path(model_dir), "1")
-    name = store.publish(weights.build(len(classes) + 1).state_dict(), {"arch": weights.arch, "classes": classes}, "bench")
+    if version:
+        trained = torch.load(Path(version) / "model.pt", map_location="cpu", weights_only=True)
+        meta = json.loads((Path(version) / "meta.json").read_text())
+        name = store.publish(trained, {k: meta[k] for k in ("arch", "classes", "task") if k in meta}, "bench")
+    else:
+        task = "masks" if arch != "auto" and task_of(arch) == "masks" else "boxes"
+        weights = resolve_starting_weights(arch, os.environ.get("WEIGHTS_PATH", ""), os.environ.get("WEIGHTS_SHA256", ""),
+                                           download=os.environ.get("DOWNLOAD_WEIGHTS", "true").lower() != "false", task=task)
+        classes = ["WBC", "RBC", "Platelets"]
+        torch.manual_seed(0)
+        name = store.publish(weights.build(len(classes) + 1).state_dict(), {"arch": weights.arch, "classes": classes}, "bench")
     state, meta = store.load(name)
     model = model_from_version(state, meta).eval()
     model.roi_heads.score_thresh = RAW_SCORE_FLOOR  # the server's post-processing
-    return weights.arch, model
+    return meta["arch"], model, meta["classes"]
 
 
-def measure(url: str, runs: int, arch: str, body: bytes) -> tuple[str, list[float], list[float]]:
-    """Alternate one /predict and one bare forward, so drift in machine speed hits both alike."""
-    tensor = image_to_tensor(Image.open(io.BytesIO(body)).convert("RGB"))
+def measure(url: str, args, body: bytes) -> tuple[str, list[float], list[float], list[float], int]:
+    """Alternate one /predict and one bare forward (+ mask post-processing), so drift in machine speed hits
+    both alike. Returns (arch, /predict times, forward times, post-processing times, regions per answer)."""
+    image = Image.open(io.BytesIO(body)).convert("RGB")
+    tensor = image_to_tensor(image)
     with tempfile.TemporaryDirectory() as model_dir:
-        name, model = publish_version(model_dir, arch)
+        arch, model, classes = publish_version(model_dir, args.arch, args.version)
+        masks = task_of(arch) == "masks"
+        config = mask_config(args.output, classes) if masks else CONFIG
+        control = parse_label_config(config).primary
+        post = Predictor(None, None, args.score_threshold, 100)  # the server's post-processing, in process
+        loaded = LoadedModel(model, "bench", tuple(classes))
         # the server finds the same starting weights as publish_version() above
-        env = {"MODEL_ARCH": arch, "LOG_LEVEL": "WARNING", "TORCH_HOME": Path(torch.hub.get_dir()).parent,
-               "DOWNLOAD_WEIGHTS": os.environ.get("DOWNLOAD_WEIGHTS", "true")}
+        env = {"MODEL_ARCH" if not masks else "MASK_ARCH": args.arch if not args.version else arch,
+               "LOG_LEVEL": "WARNING", "TORCH_HOME": Path(torch.hub.get_dir()).parent,
+               "DOWNLOAD_WEIGHTS": os.environ.get("DOWNLOAD_WEIGHTS", "true"), "SCORE_THRESHOLD": args.score_threshold}
         server = LivetrainServer(Path(model_dir), env=env, worker=False, cwd=ROOT)
         try:
             server.wait_ready(timeout=120)
             base = server.url + "/predict"
-            payload = {"tasks": [{"id": 1, "data": {"image": url}}], "project": "1.1", "label_config": CONFIG}
+            payload = {"tasks": [{"id": 1, "data": {"image": url}}], "project": "1.1", "label_config": config}
             session = requests.Session()
-            http_times, forward_times = [], []
+            http_times, forward_times, post_times = [], [], []
+            regions = 0
             with torch.inference_mode():
-                for i in range(runs + 3):  # 3 warm-ups: the server builds its model, fills the image cache
+                for i in range(args.runs + 3):  # 3 warm-ups: the server builds its model, fills the image cache
                     start = time.perf_counter()
-                    session.post(base, json=payload, timeout=120).raise_for_status()
+                    reply = session.post(base, json=payload, timeout=120)
+                    reply.raise_for_status()
                     http_s = time.perf_counter() - start
+                    regions = len(reply.json()["results"][0]["result"])
                     time.sleep(QUIET_S)
                     start = time.perf_counter()
-                    model([tensor])
+                    det = forward(model, [tensor])[0]
                     forward_s = time.perf_counter() - start
+                    start = time.perf_counter()
+                    post._to_prediction(det, 1.0, image.size, control, loaded, None, None)
+                    post_s = time.perf_counter() - start
                     time.sleep(QUIET_S)
                     if i >= 3:
                         http_times.append(http_s)
                         forward_times.append(forward_s)
-            return name, http_times, forward_times
+                        post_times.append(post_s)
+            return arch, http_times, forward_times, post_times, regions
         finally:
             server.stop()
 
@@ -130,17 +170,25 @@ def main() -> None:
     parser.add_argument("--image")
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--arch", default=os.environ.get("MODEL_ARCH", "auto"))
+    parser.add_argument("--output", choices=("polygons", "brush"), default="polygons", help="mask models: the config's tag")
+    parser.add_argument("--version", help="a trained version directory to serve instead of the starting model")
+    parser.add_argument("--score-threshold", type=float, default=0.5)
     args = parser.parse_args()
-    body = bench_image(args.image)
+    masks = args.arch.startswith("maskrcnn") or bool(args.version)
+    body = bench_image(args.image, masks)
     httpd, url = serve_file(body)
-    arch, http_times, forward_times = measure(url, args.runs, args.arch, body)
+    arch, http_times, forward_times, post_times, regions = measure(url, args, body)
     httpd.shutdown()
     http_ms = 1000 * statistics.median(http_times)
     forward_ms = 1000 * statistics.median(forward_times)
-    print(f"arch={arch} threads={torch.get_num_threads()} runs={args.runs} image=640x480")
+    post_ms = 1000 * statistics.median(post_times)
+    size = "x".join(map(str, Image.open(io.BytesIO(body)).size))
+    print(f"arch={arch} threads={torch.get_num_threads()} runs={args.runs} image={size} regions/answer={regions}")
     print(f"/predict via HTTP (gunicorn):   median {http_ms:7.1f} ms")
     print(f"bare model forward:             median {forward_ms:7.1f} ms")
-    print(f"ratio /predict / forward = {http_ms / forward_ms:.3f} (target <= 1.25)")
+    print(f"post-processing (regions):      median {post_ms:7.1f} ms "
+          f"({100 * post_ms / (forward_ms + post_ms):.1f}% of forward + post-processing)")
+    print(f"ratio /predict / (forward + post-processing) = {http_ms / (forward_ms + post_ms):.3f} (target <= 1.25)")
 
 
 if __name__ == "__main__":

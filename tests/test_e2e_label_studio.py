@@ -10,6 +10,7 @@ its REST API, and run in file order (each builds on the project the previous one
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ import requests
 from backend.simulation.ls_api import LabelStudioAPI, LabelStudioError
 from backend.simulation.ls_server import LabelStudioServer
 from backend.simulation.processes import LivetrainServer, alive
-from tests.livetrain_fixtures import CONFIG, shapes_image, wait_until
+from tests.livetrain_fixtures import BRUSH_CONFIG, CONFIG, POLYGON_CONFIG, shapes_image, shapes_with_masks, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -223,3 +224,151 @@ def test_simulator_replays_a_coco_dataset(ls, livetrain, tmp_path, via):
     # the ground truth went into Label Studio as annotations
     tasks = ls.tasks(summary["project"])
     assert all(t["total_annotations"] == 1 for t in tasks)
+
+
+# -- Mask R-CNN projects: PolygonLabels and BrushLabels ---------------------------------------------------
+# One pipeline for both kinds: each test is parametrized by ``kind`` and runs for the polygon project, then
+# the brush project, so the brush project's round trains while the polygon project's is being checked.
+
+MASK_IMAGES = 6
+MASK_ANNOTATED = 3  # MIN_ANNOTATIONS is 2: the first version is trained on these
+MASK_KINDS = {"polygon": (POLYGON_CONFIG, "polygonlabels"), "brush": (BRUSH_CONFIG, "brushlabels")}
+MASK_LABELS = ("Square", "Disc")
+W, H = 160, 120
+
+
+@pytest.fixture(scope="module")
+def mask_projects(ls, livetrain):
+    """A PolygonLabels and a BrushLabels project with generated images, livetrain connected with Basic
+    auth, and "Start model training on annotation submission" on."""
+    out = {}
+    for kind, (config, result_type) in MASK_KINDS.items():
+        created = ls.create_project(f"e2e {kind} masks", config)
+        shots = [shapes_with_masks(200 + seed, W, H, count=2) for seed in range(MASK_IMAGES)]
+        tasks = ls.import_images(created["id"], [(f"{kind}{i}.png", png) for i, (png, _) in enumerate(shots)])
+        assert len(tasks) == MASK_IMAGES
+        by_name = {t["data"]["image"].rsplit("-", 1)[-1]: t for t in tasks}
+        ml = ls.connect_ml(created["id"], livetrain.url, auth_method="BASIC_AUTH", basic_auth_user=AUTH[0],
+                           basic_auth_pass=AUTH[1])
+        ls.update_project(created["id"], start_training_on_annotation_update=True)
+        out[kind] = {"id": created["id"], "ml": ml, "kind": kind, "type": result_type,
+                     "tasks": [by_name[f"{kind}{i}.png"] for i in range(MASK_IMAGES)],
+                     "objects": [objects for _, objects in shots], "annotated": set()}
+    return out
+
+
+@pytest.fixture(params=list(MASK_KINDS))
+def mask_project(request, mask_projects):
+    return mask_projects[request.param]
+
+
+def mask_results(kind: str, objects, width: int = W, height: int = H) -> list[dict]:
+    """What the labeling editor submits for ground-truth masks: one polygon per part, closed, in percent of
+    the image; or one 0/255 brush RLE of the full frame per object. Every result has its own id."""
+    from backend.labelstudio.masks import mask_to_polygons, mask_to_rle
+
+    results = []
+    for mask, label in objects:
+        if kind == "polygon":
+            values = [{"points": points, "closed": True, "polygonlabels": [label]}
+                      for points in mask_to_polygons(mask, width, height)]
+        else:
+            values = [{"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]}]
+        results += [{"id": uuid.uuid4().hex[:10], "from_name": "label", "to_name": "image", "type": f"{kind}labels",
+                     "origin": "manual", "original_width": width, "original_height": height, "image_rotation": 0,
+                     "value": value} for value in values]
+    return results
+
+
+def check_mask_regions(result: list[dict], result_type: str) -> None:
+    """Every region of a stored prediction is one Label Studio can draw: the project's tag and labels, a
+    closed polygon of >= 3 points inside 0..100, or an RLE of exactly the image's size."""
+    from backend.labelstudio.masks import rle_to_mask
+
+    ids = [region.get("id") for region in result]
+    assert all(ids) and len(set(ids)) == len(ids), ids
+    for region in result:
+        assert region["type"] == result_type and region["from_name"] == "label" and region["to_name"] == "image"
+        assert (region["original_width"], region["original_height"]) == (W, H)
+        assert isinstance(region["score"], float) and 0.0 <= region["score"] <= 1.0
+        value = region["value"]
+        assert len(value[result_type]) == 1 and value[result_type][0] in MASK_LABELS, value[result_type]
+        if result_type == "polygonlabels":
+            points = value["points"]
+            assert value["closed"] is True and len(points) >= 3
+            assert all(len(p) == 2 and 0.0 <= p[0] <= 100.0 and 0.0 <= p[1] <= 100.0 for p in points), points
+        else:
+            assert value["format"] == "rle"
+            mask = rle_to_mask(value["rle"], W, H)  # ValueError unless it decodes to exactly 160x120
+            assert mask.shape == (H, W) and mask.any()
+
+
+def test_mask_annotations_submitted_as_the_editor_does(ls, mask_project):
+    from backend.labelstudio.masks import mask_iou, polygon_to_mask, rle_to_mask
+
+    ml = ls.ml(mask_project["ml"]["id"])
+    assert ml["state"] == "CO", ml  # GET /health and POST /setup answered the mask project's label config
+    for i in range(MASK_ANNOTATED):
+        objects = mask_project["objects"][i]
+        annotation = ls.annotate(mask_project["tasks"][i]["id"], mask_results(mask_project["kind"], objects),
+                                 lead_time=2.0)
+        mask_project["annotated"].add(i)
+        # Label Studio stores the shapes as sent: they decode back to the ground truth
+        stored = ls.request("GET", f"/api/annotations/{annotation['id']}/")["result"]
+        assert len(stored) >= len(objects)
+        if mask_project["kind"] == "brush":
+            for region, (mask, label) in zip(stored, objects):
+                assert region["value"]["brushlabels"] == [label]
+                assert (rle_to_mask(region["value"]["rle"], W, H) == mask).all()
+        else:
+            for mask, _ in objects:
+                drawn = [polygon_to_mask(r["value"]["points"], W, H) for r in stored]
+                assert max(mask_iou(d, mask) for d in drawn) > 0.9
+
+
+def test_mask_project_trains_a_version_that_serves_predictions(ls, livetrain, mask_project):
+    annotated = {str(mask_project["tasks"][i]["id"]) for i in mask_project["annotated"]}
+    version = wait_until(lambda: idle_with(livetrain, mask_project,
+                                           lambda v: set(v["trained_annotations"]) == annotated),
+                         timeout=ROUND_TIMEOUT, interval=1.0,
+                         what=f"a {mask_project['kind']} version trained on the {len(annotated)} submitted images")
+    mask_project["version"] = version["name"]
+    assert set(version["classes"]) == set(MASK_LABELS)  # the config's labels (both occur in the 3 images)
+    assert version["name"] in ls.ml_versions(mask_project["ml"]["id"])["versions"]  # LS -> GET /versions
+    # a task opened now gets a prediction of the new version (unless re-scoring wrote it first), stored in LS
+    task = ls.open_task(mask_project["tasks"][-1]["id"])
+    ours = [p for p in task["predictions"] if p["model_version"] == version["name"]]
+    assert len(ours) == 1, [p["model_version"] for p in task["predictions"]]
+    assert isinstance(ours[0]["score"], float) and 0.0 <= ours[0]["score"] <= 1.0
+    check_mask_regions(ours[0]["result"], mask_project["type"])
+
+
+def test_mask_predictions_rescored_and_served_lowest_score_first(ls, livetrain, mask_project):
+    """As for boxes: after the round, every unlabeled task has one prediction of the new version (polygons or
+    brush masks Label Studio can draw) and /next/ serves a lowest-score one."""
+    version = mask_project["version"]
+
+    def rescored():
+        s = status(livetrain, mask_project).get("rescore") or {}
+        assert s.get("state") != "error", s
+        return (s.get("state") == "done" and s.get("version") == version
+                and ls.project(mask_project["id"])["model_version"] == version)
+    wait_until(rescored, timeout=ROUND_TIMEOUT, interval=1.0, what=f"re-scoring with {version}")
+    unlabeled = [t for t in ls.tasks(mask_project["id"]) if not t["total_annotations"]]
+    assert len(unlabeled) == MASK_IMAGES - len(mask_project["annotated"])
+    regions, scores = 0, []
+    for task in unlabeled:
+        ours = [p for p in task["predictions"] if p["model_version"] == version]
+        assert len(ours) == 1 and isinstance(ours[0]["score"], float), task["predictions"]
+        assert task["predictions_score"] == pytest.approx(ours[0]["score"])
+        assert not [p for p in task["predictions"] if p["model_version"] != version]  # older versions cleaned up
+        check_mask_regions(ours[0]["result"], mask_project["type"])
+        regions += len(ours[0]["result"])
+        scores += [r["score"] for r in ours[0]["result"]]
+    print(f"{mask_project['kind']}: {regions} regions over {len(unlabeled)} unlabeled tasks with {version}",
+          sorted(round(s, 3) for s in scores))
+    assert regions >= 1, f"{version} predicted no {mask_project['type']} region on any unlabeled task"
+    lowest = min(t["predictions_score"] for t in unlabeled)
+    served = ls.next_task(mask_project["id"])
+    assert served["id"] in {t["id"] for t in unlabeled if t["predictions_score"] == lowest}, \
+        (served["id"], {t["id"]: t["predictions_score"] for t in unlabeled})

@@ -302,12 +302,15 @@ def rescore_project(project: str, attempt: int = 0) -> dict:
         client, control, loaded, predictor = _setup(settings, connection, project, version)
         prefix = version_prefix(version)
         delete_old = settings.old_predictions == "delete"
-        tasks = plan_rescore(list(client.iter_unlabeled_tasks(project)), version, settings.rescore_limit)
+        unlabeled = list(client.iter_unlabeled_tasks(project))
+        tasks = plan_rescore(unlabeled, version, settings.rescore_limit)
         reason = score_and_write(run, client, predictor, loaded, control, tasks, settings.rescore_batch,
                                  delete=lambda p: delete_old and p.get("model_version") != version
                                  and is_livetrain_version(p.get("model_version"), prefix),
                                  stop=stop)
-        if reason is None and not run.moved:  # nothing needed scoring: the project must still point here
+        # Nothing needed scoring: the project must still point here. Label Studio refuses a model_version that
+        # none of its predictions carries (400 "Model version doesn't exist..."), e.g. when every task is labeled.
+        if reason is None and not run.moved and any(has_version(t, version) for t in unlabeled):
             client.set_model_version(project, version)
     except LabelStudioUnavailable as exc:
         return _retry_or_fail(run, exc, attempt, lambda delay: enqueue_rescore(connection, project, attempt + 1, delay))

@@ -21,6 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path, help="COCO dataset folder (annotations.json + images)")
     p.add_argument("--images", type=int, default=100, help="how many images to label, in dataset order")
     p.add_argument("--split", default="train", help="only images whose 'split' is this ('' for all)")
+    p.add_argument("--kind", choices=("boxes", "polygons"), default="boxes",
+                   help="boxes: RectangleLabels project, rectangle ground truth, box-IoU quality (default); "
+                        "polygons: PolygonLabels project (Mask R-CNN), the COCO polygon segmentations as ground "
+                        "truth (one polygon per part), mask-IoU quality")
     p.add_argument("--via", choices=("label-studio", "backend"), default="label-studio",
                    help="where the pre-label comes from: Label Studio (task opened) or our POST /predict")
     p.add_argument("--pace", type=pace, default=10.0, help="seconds per image, or 'wait' for each round to finish")
@@ -68,7 +72,7 @@ def simulate(args: argparse.Namespace) -> int:
             health = backend.wait_ready(timeout=300)
             ml_url = backend.url
             log.info("livetrain %s started (%s, %s)", ml_url, health.get("model_class"), health.get("weights_source"))
-        config = SimulationConfig(data=args.data, images=args.images, split=args.split, via=args.via,
+        config = SimulationConfig(data=args.data, images=args.images, split=args.split, via=args.via, kind=args.kind,
                                   pace=args.pace, title=args.title)
         ml_auth = (args.ml_user, args.ml_password) if args.ml_user and args.ml_password else None
         summary = Simulation(config, LabelStudioAPI(url, token=key), ml_url, out, ml_auth=ml_auth).run()

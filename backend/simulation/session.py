@@ -10,6 +10,16 @@ go into Label Studio (the source of truth the worker trains from); the pre-label
   and the newest stored prediction is what the person sees; or
 - ``via="backend"``: straight from our ``POST /predict``, with the payload Label Studio would send.
 
+Two kinds of project (``kind``, ``livetrain simulate --kind``):
+
+- ``boxes``: a RectangleLabels config; the ground truth is one rectangle per COCO ``bbox``, and the
+  pre-label is scored with box IoU.
+- ``polygons``: a PolygonLabels config (Mask R-CNN); the ground truth is one closed polygon result per ring
+  of each COCO polygon ``segmentation`` (a multi-part object is several results, as Label Studio needs),
+  and the pre-label is scored with **mask IoU**: each predicted result is one region, each ground-truth
+  object is the union of its rings, both rasterised at the image size (``MASK_MAX_SIDE`` at most).
+  Objects without a polygon (RLE / iscrowd) are neither annotated nor scored.
+
 Writes ``simulation.jsonl`` (one record per image), ``summary.json`` and ``quality.png``.
 """
 
@@ -26,15 +36,18 @@ from pathlib import Path
 import requests
 
 from backend.labelstudio.annotations import box_to_pixels
-from backend.labelstudio.convert import box_to_region
+from backend.labelstudio.convert import box_to_region, region_id
 from backend.labelstudio.label_config import parse_label_config
-from backend.metrics.quality import quality
+from backend.labelstudio.masks import polygon_to_mask
+from backend.metrics.quality import MaskCrop, Quality, mask_iou, quality
 from backend.simulation.ls_api import LabelStudioAPI
-from backend.training.coco import CocoImage, load_coco
+from backend.training.coco import CocoImage, load_coco, ring_to_percent
 
 log = logging.getLogger(__name__)
 
 ROLLING = 10  # images in the rolling quality window
+KINDS = {"boxes": "RectangleLabels", "polygons": "PolygonLabels"}  # --kind -> the label config's control tag
+MASK_MAX_SIDE = 1024  # polygons kind: masks are compared at the image size, scaled down to at most this
 
 
 @dataclass
@@ -43,25 +56,30 @@ class SimulationConfig:
     images: int = 100
     split: str = "train"
     via: str = "label-studio"  # or "backend"
+    kind: str = "boxes"  # or "polygons" (see the module doc)
     pace: float | None = 10.0  # seconds per image; None: wait for the triggered round to finish
     title: str = "livetrain simulation"
     wait_timeout: float = 900.0
 
 
-def label_config(classes: list[str]) -> str:
+def label_config(classes: list[str], kind: str = "boxes") -> str:
+    tag = KINDS[kind]
     labels = "\n".join(f'    <Label value="{c}"/>' for c in classes)
-    return (f'<View>\n  <Image name="image" value="$image"/>\n  <RectangleLabels name="label" toName="image">\n'
-            f'{labels}\n  </RectangleLabels>\n</View>')
+    return (f'<View>\n  <Image name="image" value="$image"/>\n  <{tag} name="label" toName="image">\n'
+            f'{labels}\n  </{tag}>\n</View>')
 
 
 @lru_cache(maxsize=8)
-def _control(classes: tuple[str, ...]):
-    return parse_label_config(label_config(list(classes))).primary
+def _control(classes: tuple[str, ...], kind: str = "boxes"):
+    return parse_label_config(label_config(list(classes), kind)).primary
 
 
-def ground_truth_result(image: CocoImage, classes: list[str]) -> list[dict]:
-    """The image's boxes as Label Studio rectangle results (percent of the image), as a person draws them."""
-    control = _control(tuple(classes))
+def ground_truth_result(image: CocoImage, classes: list[str], kind: str = "boxes") -> list[dict]:
+    """The image's objects as Label Studio results (percent of the image), as a person draws them:
+    rectangles, or for ``kind="polygons"`` one closed polygon per ring of each object's segmentation."""
+    control = _control(tuple(classes), kind)
+    if kind == "polygons":
+        return _polygon_results(image, classes, control)
     out = []
     for box, label in zip(image.boxes, image.labels):
         region = box_to_region(box, classes[label - 1], 1.0, image.width, image.height, control)
@@ -69,6 +87,68 @@ def ground_truth_result(image: CocoImage, classes: list[str]) -> list[dict]:
             region.pop("score")  # an annotation, not a prediction
             out.append(region)
     return out
+
+
+def _polygon_results(image: CocoImage, classes: list[str], control) -> list[dict]:
+    out = []
+    for rings, label in zip(image.polygons, image.labels):
+        for ring in rings:
+            points = [[round(x, 4), round(y, 4)] for x, y in ring_to_percent(ring, image.width, image.height)]
+            xs, ys = [x for x, _ in points], [y for _, y in points]
+            if max(xs) <= min(xs) or max(ys) <= min(ys):
+                continue  # no area: nobody draws that (and livetrain would drop it)
+            out.append({"id": region_id(), "from_name": control.from_name, "to_name": control.to_name,
+                        "type": "polygonlabels", "original_width": int(image.width),
+                        "original_height": int(image.height), "image_rotation": 0,
+                        "value": {"points": points, "closed": True, "polygonlabels": [classes[label - 1]]}})
+    return out
+
+
+def mask_size(width: int, height: int) -> tuple[int, int]:
+    """The size masks are compared at: the image's, scaled down so that its longer side is MASK_MAX_SIDE at most."""
+    scale = min(1.0, MASK_MAX_SIDE / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def truth_masks(image: CocoImage, classes: list[str]) -> list[tuple]:
+    """(MaskCrop, label) of each object with a polygon (all its rings together), at ``mask_size``; objects
+    whose polygons cover no pixel centre are left out (nothing could ever match them)."""
+    w, h = mask_size(image.width, image.height)
+    out = []
+    for i, label in enumerate(image.labels):
+        if i < len(image.polygons) and image.polygons[i]:
+            crop = MaskCrop.from_full(image.mask(i, w, h))
+            if crop.area:
+                out.append((crop, classes[label - 1]))
+    return out
+
+
+def predicted_masks(result: list[dict], width: int, height: int) -> list[tuple]:
+    """(MaskCrop at ``mask_size``, label, score) for each polygon of a Label Studio prediction result: each
+    result is one region (the parts of a multi-part prediction count separately, as a person edits them)."""
+    w, h = mask_size(width, height)
+    out = []
+    for region in result or []:
+        value = region.get("value") or {}
+        labels = value.get("polygonlabels") or []
+        if not labels:
+            continue
+        try:
+            crop = MaskCrop.from_full(polygon_to_mask(value.get("points"), w, h))
+        except ValueError:  # fewer than 3 usable points: not a shape
+            continue
+        out.append((crop, labels[0], float(region.get("score", 0.0) or 0.0)))
+    return out
+
+
+def score_prediction(result: list[dict], image: CocoImage, classes: list[str], kind: str = "boxes") -> Quality:
+    """The model quality score of a pre-label against the image's ground truth: box IoU, or mask IoU for
+    ``kind="polygons"``."""
+    if kind == "polygons":
+        return quality(predicted_masks(result, image.width, image.height), truth_masks(image, classes),
+                       overlap=mask_iou)
+    truth = [(tuple(b), classes[label - 1]) for b, label in zip(image.boxes, image.labels)]
+    return quality(predicted_boxes(result, image.width, image.height), truth)
 
 
 def predicted_boxes(result: list[dict], width: int, height: int) -> list[tuple]:
@@ -98,8 +178,12 @@ class Simulation:
         chosen = [im for im in images if not self.config.split or im.split == self.config.split][: self.config.images]
         if not chosen:
             raise ValueError(f"no images of split {self.config.split!r} in {self.config.data}")
+        if self.config.kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.config.kind!r}")
+        if self.config.kind == "polygons" and not any(im.has_polygons for im in chosen):
+            raise ValueError(f"no polygon segmentations in {self.config.data}: simulate it with kind 'boxes'")
         self.classes, self.images = classes, chosen
-        self.project = self.ls.create_project(self.config.title, label_config(classes))
+        self.project = self.ls.create_project(self.config.title, label_config(classes, self.config.kind))
         tasks = self.ls.import_images(self.project["id"], [(im.path.name, im.path.read_bytes()) for im in chosen])
         by_name = {}
         for task in tasks:
@@ -145,9 +229,8 @@ class Simulation:
                 prediction = self.prediction(task)
                 latency = time.monotonic() - began
                 result = (prediction or {}).get("result") or []
-                truth = [(tuple(b), self.classes[label - 1]) for b, label in zip(image.boxes, image.labels)]
-                q = quality(predicted_boxes(result, image.width, image.height), truth)
-                self.ls.annotate(task["id"], ground_truth_result(image, self.classes), lead_time=1.0)
+                q = score_prediction(result, image, self.classes, self.config.kind)
+                self.ls.annotate(task["id"], ground_truth_result(image, self.classes, self.config.kind), lead_time=1.0)
                 record = {"n": n, "task": task["id"], "image": image.path.name,
                           "model_version": (prediction or {}).get("model_version"),
                           "task_score": (prediction or {}).get("score"), "regions": len(result),
@@ -163,9 +246,11 @@ class Simulation:
                 else:
                     time.sleep(max(0.0, began + self.config.pace - time.monotonic()))
         summary = summarize(records, time.monotonic() - start)
-        summary.update(via=self.config.via, pace=self.config.pace, images=len(records), project=self.project["id"])
+        summary.update(kind=self.config.kind, via=self.config.via, pace=self.config.pace, images=len(records),
+                       project=self.project["id"])
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        plot(records, self.out_dir / "quality.png", title=f"{self.config.title} (via {self.config.via})")
+        overlap = "mask IoU" if self.config.kind == "polygons" else "box IoU"
+        plot(records, self.out_dir / "quality.png", title=f"{self.config.title} ({overlap}, via {self.config.via})")
         return summary
 
 
