@@ -48,8 +48,8 @@ class Settings:
     basic_auth_pass: str = field(default="", metadata={"env": "BASIC_AUTH_PASS", "doc": "Password for Basic auth."})
     log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL", "doc": "Python logging level."})
     # Model
-    model_arch: str = field(default="auto", metadata={"env": "MODEL_ARCH", "doc": "Detector architecture: " + ", ".join(ARCHITECTURES) + ". `auto`: COCO-pretrained fasterrcnn_mobilenet_v3_large_320_fpn when its weights can be had, else fasterrcnn_lite0_fpn with the offline ImageNet backbone."})
-    mask_arch: str = field(default="auto", metadata={"env": "MASK_ARCH", "doc": "Mask R-CNN architecture for PolygonLabels / BrushLabels projects: " + ", ".join(MASK_ARCHITECTURES) + ". `auto`: maskrcnn_lite0_fpn with the offline ImageNet backbone (the ResNet-50 ones load torchvision's COCO weights from TORCH_HOME or download them, and are ~10x slower per step on a CPU)."})
+    model_arch: str = field(default="auto", metadata={"env": "MODEL_ARCH", "doc": "Detector architecture for RectangleLabels projects: " + ", ".join(ARCHITECTURES) + ". `auto`: COCO-pretrained fasterrcnn_mobilenet_v3_large_320_fpn when its weights can be had, else fasterrcnn_lite0_fpn with the offline ImageNet backbone."})
+    mask_arch: str = field(default="auto", metadata={"env": "MASK_ARCH", "doc": "Mask R-CNN architecture for PolygonLabels / BrushLabels projects: " + ", ".join(MASK_ARCHITECTURES) + ". `auto`: maskrcnn_lite0_fpn with the offline ImageNet backbone (the ResNet-50 ones load torchvision's COCO weights from TORCH_HOME or download them; they work at 800 px on a ResNet-50 and are far heavier per step on a CPU)."})
     weights_path: str = field(default="", metadata={"env": "WEIGHTS_PATH", "doc": "Local starting weights (a torchvision COCO detector file). Tried first, for the projects of its kind (a Mask R-CNN file for mask projects, a Faster R-CNN file for box projects)."})
     weights_sha256: str = field(default="", metadata={"env": "WEIGHTS_SHA256", "doc": "Expected sha256 of WEIGHTS_PATH; when empty, the hash torchvision publishes for that file name is used if known."})
     download_weights: bool = field(default=True, metadata={"env": "DOWNLOAD_WEIGHTS", "doc": "Try torchvision's COCO weights (cache in TORCH_HOME, else download) when WEIGHTS_PATH is unset."})
@@ -72,8 +72,8 @@ class Settings:
     max_detections: int = field(default=100, metadata={"env": "MAX_DETECTIONS", "doc": "At most this many regions per image."})
     uncertainty: str = field(default="least_confidence", metadata={"env": "UNCERTAINTY", "doc": "How the task `score` (confidence, low = uncertain) is computed: `least_confidence` (least certain raw detection), `entropy` (largest class entropy of the RoI head's proposals) or `flip_stability` (agreement of the boxes found on the image and its mirror image; two forwards). See backend/inference/uncertainty.py."})
     mask_output: str = field(default="instance", metadata={"env": "MASK_OUTPUT", "doc": "Mask projects: `instance` (one region per detected object, with its score) or `semantic` (one region per class: the union of its objects' masks, scored by the best of them)."})
-    polygon_tolerance: float = field(default=1.5, metadata={"env": "POLYGON_TOLERANCE", "doc": "PolygonLabels predictions: contours are simplified with this tolerance, in image pixels (larger = fewer points)."})
-    polygon_max_points: int = field(default=200, metadata={"env": "POLYGON_MAX_POINTS", "doc": "PolygonLabels predictions: at most this many points per polygon (the tolerance grows until it fits; Label Studio slows down on polygons with thousands of points)."})
+    polygon_tolerance: float = field(default=1.5, metadata={"env": "POLYGON_TOLERANCE", "doc": "PolygonLabels predictions: contours are simplified with at most this tolerance, in image pixels (a part is traced finer when that tolerance would lose more than 3% IoU, e.g. thin shapes)."})
+    polygon_max_points: int = field(default=200, metadata={"env": "POLYGON_MAX_POINTS", "doc": "PolygonLabels predictions: at most this many points per polygon (the tolerance then grows until it fits; Label Studio slows down on polygons with thousands of points)."})
     predict_skip_annotated: bool = field(default=False, metadata={"env": "PREDICT_SKIP_ANNOTATED", "doc": "Don't auto-predict tasks that already have annotations: /predict answers them with an empty result (still one result per task)."})
     # Re-scoring: fresh predictions for Label Studio's uncertainty sampling after each version
     rescore_on_publish: bool = field(default=True, metadata={"env": "RESCORE_ON_PUBLISH", "doc": "After each published version, score the unlabeled tasks with it in the background, write the predictions into Label Studio and move the project's model_version to it."})
@@ -112,8 +112,8 @@ class Settings:
             raise ValueError(f"MASK_ARCH={self.mask_arch!r} is not one of: {', '.join(MASK_ARCHITECTURES)}")
         if self.mask_output not in ("instance", "semantic"):
             raise ValueError("MASK_OUTPUT must be instance or semantic")
-        if self.polygon_tolerance <= 0 or self.polygon_max_points < 3:
-            raise ValueError("POLYGON_TOLERANCE must be above 0 and POLYGON_MAX_POINTS at least 3")
+        if self.polygon_tolerance <= 0 or self.polygon_max_points < 4:
+            raise ValueError("POLYGON_TOLERANCE must be above 0 and POLYGON_MAX_POINTS at least 4")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
         if not 0.0 <= self.score_threshold <= 1.0:

@@ -303,3 +303,39 @@ def test_brush_round_then_box_config_starts_a_new_model(tmp_path, image_server):
     meta = run_round(settings, boxes, fetcher, RoundInputs("1", "p", LABELS, records_for(image_server, range(3)), "boxes"),
                      torch.device("cpu"))
     assert meta["task"] == "boxes" and meta["parent"] is None and meta["arch"] == "fasterrcnn_lite0_fpn"
+
+
+def test_predict_route_serves_a_published_mask_version_and_health_names_the_mask_model(tmp_path, image_server):
+    """Through the Flask app and the real model pool: a PolygonLabels project serves its Mask R-CNN version;
+    the same project with a RectangleLabels config is not served that version (wrong kind)."""
+    from backend.api import create_app
+
+    app = create_app(Settings(model_dir=tmp_path, download_weights=False, label_studio_url="", min_size=128,
+                              score_threshold=0.0))
+    client = app.test_client()
+    mask_model = client.get("/health").get_json()["mask_model"]
+    assert (mask_model["model_class"], mask_model["weights_source"]) == ("maskrcnn_lite0_fpn", "imagenet-lite0")
+    torch.manual_seed(0)
+    starting = app.extensions["livetrain"].starting_for("masks")
+    VersionStore(tmp_path, "7").publish(starting.build(3).state_dict(),
+                                        {"arch": starting.arch, "task": "masks", "classes": list(LABELS)}, "cells")
+    png, _ = shapes_with_masks(1)
+    url = image_server.add("/p.png", png)
+    payload = {"tasks": [{"id": 1, "data": {"image": url}}], "project": "7.1795333704", "label_config": POLYGON_CONFIG}
+    result = client.post("/predict", json=payload).get_json()["results"][0]
+    assert result["model_version"] == "cells-v1" and isinstance(result["score"], float)
+    assert result["result"] and {r["type"] for r in result["result"]} == {"polygonlabels"}
+    boxes = client.post("/predict", json=dict(payload, label_config=CONFIG)).get_json()["results"][0]
+    assert boxes == {"result": [], "score": None, "model_version": "livetrain-base"}
+
+
+@pytest.mark.parametrize("measure", ["least_confidence", "entropy", "flip_stability"])
+def test_every_uncertainty_measure_runs_on_a_mask_model(measure):
+    from backend.inference.uncertainty import detect_and_score
+
+    torch.manual_seed(0)
+    model = build_detector("maskrcnn_lite0_fpn", 3, min_size=96, max_size=128).eval()
+    model.roi_heads.score_thresh = 0.05
+    detections, scores = detect_and_score(model, [torch.rand(3, 96, 128), torch.rand(3, 80, 100)], measure)
+    assert len(detections) == 2 and all(0.0 <= s <= 1.0 for s in scores)
+    assert all(d["masks"].shape[-2:] == (28, 28) for d in detections)  # never pasted at image size

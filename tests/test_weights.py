@@ -67,3 +67,22 @@ def test_no_weights_anywhere_is_random_with_warning(tmp_path, monkeypatch):
     weights = resolve_starting_weights(ARCH, download=False)
     assert weights.source == "random" and "DOWNLOAD_WEIGHTS is off" in weights.detail
     assert weights.build(num_classes=4).roi_heads.box_predictor.cls_score.out_features == 4
+
+
+def test_mask_projects_get_their_own_starting_weights(tmp_path):
+    """MASK_ARCH=auto: the offline Lite0 Mask R-CNN. A Mask R-CNN WEIGHTS_PATH starts mask projects and is
+    passed over (the log says why) for box projects; a COCO ResNet-50 Mask R-CNN with no file falls back to
+    random init with a hint."""
+    masks = resolve_starting_weights("auto", download=False, task="masks")
+    assert (masks.arch, masks.source, masks.task) == ("maskrcnn_lite0_fpn", "imagenet-lite0", "masks")
+    path = tmp_path / "my-mask-model.pth"
+    torch.save(build_detector("maskrcnn_lite0_fpn", 4).state_dict(), path)
+    from_file = resolve_starting_weights("maskrcnn_lite0_fpn", str(path), download=False, task="masks")
+    assert from_file.source == "file" and len(from_file.categories) == 4
+    assert from_file.build(3).roi_heads.mask_predictor.mask_fcn_logits.out_channels == 3
+    boxes = resolve_starting_weights("auto", str(path), download=False, task="boxes")
+    assert (boxes.arch, boxes.source) == ("fasterrcnn_lite0_fpn", "imagenet-lite0")  # the file was passed over
+    coco = resolve_starting_weights("maskrcnn_resnet50_fpn_v2", download=False, task="masks")
+    assert coco.source == "random" and "maskrcnn_lite0_fpn" in coco.warnings[0]
+    with pytest.raises(ValueError, match="boxes architecture"):
+        resolve_starting_weights("fasterrcnn_lite0_fpn", task="masks")

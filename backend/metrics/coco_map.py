@@ -8,12 +8,12 @@ import io
 import numpy as np
 import torch
 
-from backend.training.coco import CocoImage
-
 
 @torch.inference_mode()
-def evaluate_map(model: torch.nn.Module, images: list[CocoImage], num_classes: int, device: str = "cpu") -> dict:
-    """``{"map50", "map", "ap50_per_class"}`` of ``model`` on ``images`` (classes 1..num_classes)."""
+def evaluate_map(model: torch.nn.Module, images: list, num_classes: int, device: str = "cpu") -> dict:
+    """``{"map50", "map", "ap50_per_class"}`` of ``model`` on ``images`` (classes 1..num_classes).
+
+    ``images`` are ``training.coco.CocoImage`` objects, not imported here: metrics sits below training."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 

@@ -174,7 +174,7 @@ def _arch_of_file(path: Path) -> str:
         enum = coco_weights_enum(arch)
         if enum is not None and path.name == enum.url.rsplit("/", 1)[-1]:
             return arch
-    raise WeightsError(f"cannot tell the architecture of {path.name}; set MODEL_ARCH to the one it was made for")
+    raise WeightsError(f"cannot tell the architecture of {path.name}; set MODEL_ARCH (MASK_ARCH for a Mask R-CNN) to the one it was made for")
 
 
 def resolve_starting_weights(arch: str = "auto", weights_path: str = "", weights_sha256: str = "",
@@ -183,8 +183,8 @@ def resolve_starting_weights(arch: str = "auto", weights_path: str = "", weights
 
     Boxes, ``arch="auto"``: torchvision's COCO weights for DEFAULT_COCO_ARCH when obtainable, otherwise the
     offline ImageNet Lite0 backbone with new heads, otherwise random init. Masks, ``arch="auto"``: the offline
-    Lite0 Mask R-CNN (torchvision's only COCO Mask R-CNNs are ResNet-50 ones, ~10x slower per step on a CPU;
-    name one explicitly to use its COCO weights). An explicit architecture keeps that architecture.
+    Lite0 Mask R-CNN (torchvision's only COCO Mask R-CNNs are ResNet-50 ones at 800 px, far heavier per
+    step on a CPU; name one explicitly to use its COCO weights). An explicit architecture keeps that architecture.
     WEIGHTS_PATH applies to the kind of model it holds (a Mask R-CNN file starts mask projects, any other
     starts box projects); a broken explicit WEIGHTS_PATH is an error, not a fallback.
     """

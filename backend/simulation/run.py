@@ -71,7 +71,8 @@ def simulate(args: argparse.Namespace) -> int:
             stack.callback(backend.stop)
             health = backend.wait_ready(timeout=300)
             ml_url = backend.url
-            log.info("livetrain %s started (%s, %s)", ml_url, health.get("model_class"), health.get("weights_source"))
+            model = (health.get("mask_model") or {}) if args.kind == "polygons" else health
+            log.info("livetrain %s started (%s, %s)", ml_url, model.get("model_class"), model.get("weights_source"))
         config = SimulationConfig(data=args.data, images=args.images, split=args.split, via=args.via, kind=args.kind,
                                   pace=args.pace, title=args.title)
         ml_auth = (args.ml_user, args.ml_password) if args.ml_user and args.ml_password else None
