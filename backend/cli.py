@@ -94,11 +94,11 @@ def versions(args: argparse.Namespace) -> int:
 
 def rollback(args: argparse.Namespace) -> int:
     from backend.errors import LivetrainError
-    from backend.model_store.versions import VersionStore
+    from backend.jobs.training import rollback_to
 
     settings = Settings.from_env()
     try:
-        VersionStore(settings.model_dir, args.project).set_active(args.version)
+        rollback_to(settings, args.project, args.version)
     except LivetrainError as exc:
         print(f"livetrain: {exc.message}", file=sys.stderr)
         return 1

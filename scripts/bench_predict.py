@@ -39,7 +39,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from backend.inference.detect import forward  # noqa: E402
+from backend.model_store.detect import forward  # noqa: E402
 from backend.inference.predictor import RAW_SCORE_FLOOR, LoadedModel, Predictor  # noqa: E402
 from backend.labelstudio.convert import image_to_tensor  # noqa: E402
 from backend.labelstudio.label_config import parse_label_config  # noqa: E402

@@ -49,8 +49,9 @@ def records(data: Path, count: int) -> tuple[list[str], list[LabeledImage]]:
         boxes = tuple((x1 / im.width * 100, y1 / im.height * 100, (x2 - x1) / im.width * 100, (y2 - y1) / im.height * 100)
                       for x1, y1, x2, y2 in im.boxes)
         # one shape per object: its largest ring (live training makes each Label Studio polygon one instance)
-        masks = tuple({"points": [[x / im.width * 100, y / im.height * 100] for x, y in max(rings, key=len)]}
-                      for rings in im.polygons)
+        rings = [max(r, key=len) if r else [[x1, y1], [x2, y1], [x2, y2], [x1, y2]]  # no polygon: its box
+                 for r, (x1, y1, x2, y2) in zip(im.polygons, im.boxes)]
+        masks = tuple({"points": [[x / im.width * 100, y / im.height * 100] for x, y in ring]} for ring in rings)
         out.append(LabeledImage(im.id, str(im.path), im.id, "", boxes, tuple(classes[l - 1] for l in im.labels), masks))
     return classes, out
 

@@ -265,14 +265,18 @@ def test_labeled_image_rules(caplog):
     assert labeled_image(_task(_ann(4, [obj], "2026-01-01T09:00:00Z", ground_truth=True),
                                _ann(5, [other], "2026-01-02T09:00:00Z")), CONTROL).annotation_id == 4
     assert choose_annotation([_ann(8, [], "2026-01-01T09:00:00Z"), _ann(9, [], "2026-01-01T09:00:00+00:00")])["id"] == 9
-    # unknown labels, zero-area boxes, other tags and other types dropped; result is a negative, not None
+    # unknown labels, zero-area boxes, other tags and other types dropped; when that leaves no region of an
+    # annotation that marked regions, the image is left out (None): as a negative it would teach "background"
     caplog.set_level(logging.INFO, logger="backend.labelstudio.annotations")
-    junk = [R(1, 1, 5, 5, "Cat"), R(1, 1, 0, 5, "Object"), R(1, 1, 5, 5, "Object", from_name="other"),
-            {"from_name": "label", "type": "choices", "value": {"choices": ["Object"]}}]
-    negative = labeled_image(_task(_ann(6, junk, "2026-01-01T09:00:00Z")), CONTROL)
-    assert negative is not None and negative.boxes == () and negative.labels == () and negative.is_negative
-    assert "Cat" in caplog.text and "not in the label config" in caplog.text
+    choice = {"from_name": "label", "type": "choices", "value": {"choices": ["Object"]}}
+    junk = [R(1, 1, 5, 5, "Cat"), R(1, 1, 0, 5, "Object"), R(1, 1, 5, 5, "Object", from_name="other"), choice]
+    assert labeled_image(_task(_ann(6, junk, "2026-01-01T09:00:00Z")), CONTROL) is None
+    assert "Cat" in caplog.text and "not in the label config" in caplog.text and "none usable" in caplog.text
+    kept = labeled_image(_task(_ann(6, junk + [obj], "2026-01-01T09:00:00Z")), CONTROL)
+    assert kept.boxes == ((10.0, 20.0, 30.0, 40.0),)  # the usable region stays, the junk is dropped
+    # no region at all (or only non-spatial fields like Choices): "nothing to find here", a negative
     assert labeled_image(_task(_ann(6, [], "2026-01-01T09:00:00Z")), CONTROL).is_negative
+    assert labeled_image(_task(_ann(6, [choice], "2026-01-01T09:00:00Z")), CONTROL).is_negative
     # boxes that leave the image are clipped to it
     clipped = labeled_image(_task(_ann(1, [R(90, -10, 20, 30, "Object")], "t")), CONTROL)
     assert clipped.boxes == ((90.0, 0.0, 10.0, 20.0),)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from backend.errors import LabelConfigError
-from backend.inference.detect import forward, full_mask, paste_in_box
+from backend.model_store.detect import forward, full_mask, paste_in_box
 from backend.inference.predictor import LoadedModel, Predictor
 from backend.labelstudio.annotations import labeled_image
 from backend.labelstudio.images import ImageFetcher
@@ -339,3 +339,45 @@ def test_every_uncertainty_measure_runs_on_a_mask_model(measure):
     detections, scores = detect_and_score(model, [torch.rand(3, 96, 128), torch.rand(3, 80, 100)], measure)
     assert len(detections) == 2 and all(0.0 <= s <= 1.0 for s in scores)
     assert all(d["masks"].shape[-2:] == (28, 28) for d in detections)  # never pasted at image size
+
+
+def test_config_switch_from_rectangles_to_polygons_through_the_training_job(tmp_path):
+    """The real job path (Label Studio double, embedded Redis, sync, round): a project that labels rectangles
+    and polygons trains boxes (first supported tag); once the RectangleLabels tag says model_skip, the next
+    job re-syncs, leaves out the image that only has rectangles (not a negative), trains a new Mask R-CNN
+    even though no annotation changed, and refuses a rollback to the box version."""
+    from backend.errors import BadRequest
+    from backend.jobs.state import ProjectState
+    from backend.jobs.training import _train_locked, rollback_to
+    from backend.training.dataset import TrainingSet
+    from tests.livetrain_fixtures import live_env, regions
+
+    fake, project, settings, app = live_env(tmp_path)
+    both = CONFIG.replace("</View>", '<PolygonLabels name="poly" toName="image"><Label value="Square"/>'
+                                     '<Label value="Disc"/></PolygonLabels></View>')
+    fake.projects[project]["label_config"] = both
+    poly = parse_label_config(both.replace('<RectangleLabels name="label"', '<RectangleLabels name="label" model_skip="true"')).primary
+    for seed in range(4):
+        png, objects = shapes_with_masks(seed)
+        boxes = [(*np.argwhere(m.T).min(0), *(np.argwhere(m.T).max(0) + 1), label) for m, label in objects]
+        result = regions(fake, boxes, 160, 120) + (polygon_results(objects, control=poly) if seed < 3 else [])
+        fake.annotate(fake.add_task(project, png, name=f"m{seed}.png"), result)
+    connection = app.extensions["livetrain"].redis
+    state = ProjectState(connection, str(project))
+    try:
+        first = _train_locked(settings, connection, state, str(project))
+        store = VersionStore(settings.model_dir, str(project))
+        assert first["published"] and store.meta(first["published"])["task"] == "boxes"
+        assert store.meta(first["published"])["images"] == 4
+
+        fake.projects[project]["label_config"] = both.replace('<RectangleLabels name="label"',
+                                                              '<RectangleLabels name="label" model_skip="true"')
+        second = _train_locked(settings, connection, state, str(project))
+        meta = store.meta(second["published"])
+        assert (meta["task"], meta["arch"], meta["parent"], meta["images"]) == ("masks", "maskrcnn_lite0_fpn", None, 3)
+        assert TrainingSet(settings.model_dir, str(project)).task == "masks"
+        with pytest.raises(BadRequest, match="predicts boxes"):
+            rollback_to(settings, str(project), first["published"])
+        assert store.active() == second["published"]
+    finally:
+        fake.close()

@@ -17,7 +17,7 @@ from backend.jobs.connection import ping
 from backend.jobs.jobs import job_report
 from backend.jobs.rescoring import complete_options, enqueue_complete, enqueue_rescore, rescore_after_publish
 from backend.jobs.state import ProjectState, known_projects, save_ls_fallback
-from backend.jobs.training import enqueue_training
+from backend.jobs.training import enqueue_training, rollback_to
 from backend.labelstudio.label_config import parse_label_config
 from backend.labelstudio.protocol import project_id
 from backend.model_store.versions import VersionStore
@@ -150,7 +150,7 @@ def rollback(project):
     if not isinstance(version, str) or not version:
         raise BadRequest("body must be {\"version\": \"<name>\"}; GET /versions?project=ID lists them")
     project = project_id(project)
-    VersionStore(state().settings.model_dir, project).set_active(version)
+    rollback_to(state().settings, project, version)
     if state().settings.rescore_on_publish:  # Label Studio's scores and model_version follow the served version
         rescore_after_publish(state().redis, project)
     return jsonify(status="ok", project=project, active=version)

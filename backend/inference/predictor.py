@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from backend.errors import ImageError, LivetrainError
-from backend.inference.detect import paste_in_box
+from backend.model_store.detect import paste_in_box
 from backend.inference.uncertainty import detect_and_score
-from backend.labelstudio.convert import box_to_region, image_to_tensor, mask_to_regions
+from backend.labelstudio.convert import box_to_region, image_to_tensor, mask_to_regions, shrink
 from backend.labelstudio.images import ImageFetcher
 from backend.labelstudio.label_config import ControlTag, LabelConfig
 from backend.model_store.models import model_from_version, size_kwargs, version_task
@@ -200,11 +200,17 @@ class Predictor:
         outputs: dict[int, dict] = {}
         ready = [i for i in todo if not isinstance(images[i], LivetrainError)]
         device = next(loaded.model.parameters(), torch.empty(0)).device
+        transform = getattr(loaded.model, "transform", None)
+        limit = (transform.min_size[-1], transform.max_size) if transform is not None else None
         for start in range(0, len(ready), FORWARD_BATCH):
             chunk = ready[start : start + FORWARD_BATCH]
-            tensors = [image_to_tensor(images[i]).to(device) for i in chunk]
+            shrunk = [shrink(images[i], limit) for i in chunk]  # as in training: the size the model works at
+            tensors = [image_to_tensor(image).to(device) for image, _ in shrunk]
             with self._forward_lock:
                 detections, confidences = detect_and_score(loaded.model, tensors, self.uncertainty)
+            for (_, scale), det in zip(shrunk, detections):
+                if scale != 1.0:  # back to the image's own pixels; RoI masks do not depend on the size
+                    det["boxes"] = det["boxes"] / scale
             for i, det, confidence in zip(chunk, detections, confidences):
                 outputs[i] = self._to_prediction(det, confidence, images[i].size, control, loaded, threshold,
                                                  max_detections)

@@ -51,7 +51,7 @@ from torch import nn
 from torchvision.ops import box_iou
 
 from backend.errors import LivetrainError
-from backend.inference.detect import forward
+from backend.model_store.detect import forward
 
 MEASURES = ("least_confidence", "entropy", "flip_stability")
 CANDIDATE_FLOOR = 0.05  # proposals whose best foreground probability is below this are not candidates

@@ -44,7 +44,7 @@ from backend.jobs.training import ls_credentials
 from backend.labelstudio.client import LabelStudioClient, LabelStudioError, LabelStudioUnavailable
 from backend.labelstudio.images import ImageFetcher
 from backend.labelstudio.label_config import parse_label_config
-from backend.model_store.models import model_from_version, pick_device
+from backend.model_store.models import model_from_version, pick_device, version_task
 from backend.model_store.versions import VersionStore
 from backend.settings import Settings
 
@@ -258,6 +258,10 @@ def _setup(settings: Settings, connection: redis.Redis, project: str, version: s
     fetcher = ImageFetcher(settings)
     fetcher.set_fallback(url, key)
     state, meta = VersionStore(settings.model_dir, project).load(version)
+    if version_task(meta) != control.task:
+        # e.g. the config moved from rectangles to polygons: boxes written under a polygon tag break the editor
+        raise LivetrainError(f"version {version} predicts {version_task(meta)} but the project's label config "
+                             f"asks for {control.task}; the next training round makes a {control.task} version")
     model = model_from_version(state, meta, settings.min_size)
     model.roi_heads.score_thresh = RAW_SCORE_FLOOR  # as /predict serves it: the uncertainty sees every candidate
     model.to(pick_device(settings.device)).eval()

@@ -29,7 +29,6 @@ def sync_project(client: LabelStudioClient, project: str, control: ControlTag, t
                  dirty: set[int], deleted: set[int], full: bool) -> SyncReport:
     # a different control (the label config changed) makes every stored record stale
     full = full or training_set.synced_at is None or (training_set.control, training_set.task) != (control.from_name, control.task)
-    training_set.control, training_set.task = control.from_name, control.task
     if full:
         # summaries first: a change made while we list the tasks then shows up as a difference next time
         summaries = {int(s["id"]): s["updated_at"] for s in client.task_summaries(project)}
@@ -57,6 +56,8 @@ def sync_project(client: LabelStudioClient, project: str, control: ControlTag, t
             training_set.put(task_id, labeled_image(task, control) if task else None)
         training_set.summaries = {t: s["updated_at"] for t, s in summaries.items()}
         fetched = len(wanted)
+    # only now: a sync that Label Studio broke off leaves the records *and* their kind as they were
+    training_set.control, training_set.task = control.from_name, control.task
     training_set.save()
     log.info("project %s: %s sync read %d task(s); %d labeled image(s)", project, "full" if full else "incremental",
              fetched, len(training_set.records))

@@ -16,7 +16,7 @@ import uuid
 import redis
 from rq import get_current_job
 
-from backend.errors import LivetrainError
+from backend.errors import BadRequest, LivetrainError
 from backend.jobs.connection import connect
 from backend.jobs.queue import job_queue
 from backend.jobs.state import ProjectState, load_ls_fallback
@@ -24,7 +24,7 @@ from backend.jobs.sync import sync_project
 from backend.labelstudio.client import LabelStudioClient, LabelStudioUnavailable
 from backend.labelstudio.images import ImageFetcher
 from backend.labelstudio.label_config import parse_label_config
-from backend.model_store.models import pick_device
+from backend.model_store.models import pick_device, version_task
 from backend.model_store.versions import VersionStore
 from backend.model_store.weights import StartingWeightsByTask
 from backend.settings import Settings
@@ -158,14 +158,15 @@ def _train_locked(settings: Settings, connection: redis.Redis, state: ProjectSta
     if len(records) < settings.min_annotations:
         state.set_status(state="idle", waiting=f"{len(records)}/{settings.min_annotations} labeled images before the first round")
         return {"published": None, "labeled_images": len(records)}
-    trained = store.meta(active).get("trained_annotations", {}) if active else {}
+    task = control.task if control is not None else training_set.task
+    same_kind = active is not None and version_task(store.meta(active)) == task
+    trained = store.meta(active).get("trained_annotations", {}) if same_kind else {}
     if trained == {str(r.task_id): r.updated_at for r in records}:
         state.set_status(state="idle", waiting=None)
         return {"published": None, "reason": "nothing changed since " + active}
     # Label Studio down: the labels are those of the active version plus any the synced annotations use
     labels = control.labels if control is not None else tuple(dict.fromkeys(
         [*(store.meta(active)["classes"] if active else []), *(label for r in records for label in r.labels)]))
-    task = control.task if control is not None else training_set.task
     starting = StartingWeightsByTask(settings)(task)
     state.set_status(state="training", waiting=None, progress={"step": 0, "steps": settings.train_steps})
     meta = run_round(settings, starting, fetcher, RoundInputs(project, title, labels, records, task),
@@ -179,6 +180,19 @@ def _train_locked(settings: Settings, connection: redis.Redis, state: ProjectSta
 
         rescore_after_publish(connection, project)
     return {"published": meta["name"], "images": meta["images"], "duration_s": meta["duration_s"]}
+
+
+def rollback_to(settings: Settings, project: str, version: str) -> None:
+    """Make ``version`` the one served (and trained from), refusing a version of the other kind (boxes vs
+    masks) than the project's label config now asks for: it would be neither served nor trained from."""
+    store = VersionStore(settings.model_dir, project)
+    if version in store.names():
+        training_set = TrainingSet(settings.model_dir, project)
+        kind = version_task(store.meta(version))
+        if training_set.synced_at is not None and kind != training_set.task:
+            raise BadRequest(f"version {version} predicts {kind}, but project {project} now labels "
+                             f"{training_set.task}; roll back to a {training_set.task} version")
+    store.set_active(version)
 
 
 def queue_known_projects(settings: Settings, connection: redis.Redis) -> list[str]:

@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 Box = tuple[float, float, float, float]
 
 _EPOCH = datetime.min.replace(tzinfo=timezone.utc)
+# Label Studio result types that mark something *in* the image (SEGMENTATION.md, section 5)
+SPATIAL_TYPES = {f"{kind}{suffix}" for kind in ("rectangle", "polygon", "brush", "ellipse", "keypoint", "bitmask", "vector")
+                 for suffix in ("", "labels")}
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,12 @@ def labeled_image(task: dict, control) -> LabeledImage | None:
         labels.append(known[0])
         if shape is not None:
             masks.append(shape)
+    if not boxes and any(isinstance(r, dict) and r.get("type") in SPATIAL_TYPES for r in annotation.get("result") or ()):
+        # Objects were marked, just none livetrain can learn (another control, dropped regions): as a negative
+        # this image would teach that those objects are background. Leave it out instead.
+        log.info("task %s annotation %s marks regions, none usable for %s; not used for training", task_id,
+                 annotation["id"], control.from_name)
+        return None
     return LabeledImage(
         task_id=task_id,
         image_url=image_url.strip(),

@@ -50,6 +50,29 @@ def box_to_region(box, label: str, score: float, width: int, height: int, contro
     }
 
 
+def working_scale(width: int, height: int, limit: tuple[int, int] | None) -> float:
+    """The factor that brings an image down to ``limit`` = (shorter side, longer side), never up.
+
+    The detector resizes every image to its ``min_size`` anyway (``max_size`` for the longer side); shrinking
+    a large image to the largest size it will be used at first loses nothing and keeps the image tensor and,
+    for masks, every instance mask small (a 4000x3000 photo with 30 objects would be 360 MB of masks).
+    """
+    if not limit:
+        return 1.0
+    short, long = limit
+    return min(1.0, short / min(width, height), long / max(width, height))
+
+
+def shrink(image: Image.Image, limit: tuple[int, int] | None) -> tuple[Image.Image, float]:
+    """``image`` at ``working_scale`` (antialiased), and that scale: training and prediction both use it, so
+    the model sees the same kind of pixels in both."""
+    scale = working_scale(image.width, image.height, limit)
+    if scale >= 1.0:
+        return image, 1.0
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.BILINEAR), scale
+
+
 def region_mask(shape: dict, width: int, height: int) -> np.ndarray:
     """A stored shape (``LabeledImage.masks`` item) as a bool mask at ``width`` x ``height``, which may be
     smaller than the image: polygons are rasterised directly at that size (memory stays bounded), brush RLE
@@ -58,6 +81,10 @@ def region_mask(shape: dict, width: int, height: int) -> np.ndarray:
 
     if "points" in shape:
         return polygon_to_mask(shape["points"], width, height)
+    if abs(shape["width"] / shape["height"] - width / height) > 0.02 * width / height:
+        # e.g. painted on an EXIF-rotated view of the image: stretching it would put it in the wrong place
+        raise ValueError(f"brush mask {shape['width']}x{shape['height']} does not have the image's aspect ratio "
+                         f"({width}x{height})")
     mask = rle_to_mask(shape["rle"], shape["width"], shape["height"])
     if mask.shape != (height, width):
         resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.BILINEAR)

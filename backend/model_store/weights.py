@@ -195,10 +195,7 @@ def resolve_starting_weights(arch: str = "auto", weights_path: str = "", weights
     reasons = []
     if weights_path:
         path = Path(weights_path).expanduser()
-        kind = task_of(arch) if arch != "auto" else None
-        if kind is None:
-            file_arch = _arch_of_file(path) if _arch_of_file_known(path) else None
-            kind = task_of(file_arch) if file_arch else ("masks" if MASK_KEY in _read_state(path) else "boxes")
+        kind = _kind_of_file(path)  # from the file itself, never from the architecture setting
         if kind == task:
             weights = _from_file(arch if arch != "auto" else _arch_of_file(path), path, weights_sha256)
             log.info("starting weights: %s", weights.detail)
@@ -226,8 +223,14 @@ def resolve_starting_weights(arch: str = "auto", weights_path: str = "", weights
 _TORCHVISION_ARCHS = tuple(a for a in ARCHITECTURES if coco_weights_enum(a) is not None)
 
 
-def _arch_of_file_known(path: Path) -> bool:
-    return any(path.name == coco_weights_enum(a).url.rsplit("/", 1)[-1] for a in _TORCHVISION_ARCHS)
+def _kind_of_file(path: Path) -> str:
+    """``masks`` when the file holds a Mask R-CNN, else ``boxes`` (by torchvision's file name, else its keys)."""
+    for a in _TORCHVISION_ARCHS:
+        if path.name == coco_weights_enum(a).url.rsplit("/", 1)[-1]:
+            return task_of(a)
+    if not path.is_file():
+        raise WeightsError(f"WEIGHTS_PATH={path} does not exist")
+    return "masks" if MASK_KEY in _read_state(path) else "boxes"
 
 
 class StartingWeightsByTask:

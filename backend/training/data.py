@@ -8,10 +8,9 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 
 from backend.errors import LivetrainError
-from backend.labelstudio.convert import image_to_tensor, region_mask
+from backend.labelstudio.convert import image_to_tensor, region_mask, shrink
 from backend.labelstudio.annotations import LabeledImage, box_to_pixels
 from backend.labelstudio.images import ImageFetcher
 from backend.training.transforms import augment, drop_degenerate
@@ -19,28 +18,12 @@ from backend.training.transforms import augment, drop_degenerate
 log = logging.getLogger(__name__)
 
 
-def working_scale(width: int, height: int, limit: tuple[int, int] | None) -> float:
-    """The factor that brings an image down to ``limit`` = (shorter side, longer side), never up.
-
-    The detector resizes every image to its ``min_size`` anyway (``max_size`` for the longer side); shrinking
-    a large image to the largest size it will be used at first loses nothing and keeps the image and, for
-    masks, every full-size instance mask small (a 4000x3000 photo with 30 objects would be 360 MB of masks).
-    """
-    if not limit:
-        return 1.0
-    short, long = limit
-    return min(1.0, short / min(width, height), long / max(width, height))
-
-
 def load_example(record: LabeledImage, fetcher: ImageFetcher, classes: tuple[str, ...], task: str = "boxes",
                  limit: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict]:
     """Image tensor and torchvision target (pixel boxes, 1-based labels, and for ``task="masks"`` uint8
-    instance masks with the boxes derived from them), at most ``limit`` in size (see ``working_scale``).
+    instance masks with the boxes derived from them), at most ``limit`` in size (``convert.working_scale``).
     An image with no region is a negative example."""
-    image = fetcher.fetch(record.image_url)
-    scale = working_scale(*image.size, limit)
-    if scale < 1.0:
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
+    image, _ = shrink(fetcher.fetch(record.image_url), limit)
     width, height = image.size
     labels = [classes.index(label) + 1 for label in record.labels]
     if task == "masks":
@@ -56,6 +39,10 @@ def mask_target(record: LabeledImage, labels: list[int], width: int, height: int
     """Masks rasterised at the working size; each box is its mask's tight box (what Mask R-CNN learns)."""
     from backend.labelstudio.masks import mask_box
 
+    if len(record.masks) != len(record.boxes):
+        # a record synced for a box control: teaching a mask model that its objects are background is worse
+        raise LivetrainError(f"task {record.task_id} has {len(record.boxes)} region(s) but {len(record.masks)} "
+                             "mask(s): it was synced for another control; the next full sync fixes it")
     masks, boxes, kept = [], [], []
     for shape, label in zip(record.masks, labels):
         try:

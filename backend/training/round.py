@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from backend.errors import LivetrainError
-from backend.inference.detect import forward, paste_in_box
+from backend.model_store.detect import forward, paste_in_box
 from backend.labelstudio.annotations import LabeledImage
 from backend.labelstudio.images import ImageFetcher
 from backend.metrics.quality import MaskCrop, iou, mask_iou, quality

@@ -1,4 +1,6 @@
-"""The detector's forward pass for serving, with Mask R-CNN's masks kept at the RoI head's resolution.
+"""The detector's forward pass for serving and scoring, with Mask R-CNN's masks kept at the RoI head's
+resolution. It lives with the models it runs, so that training (scoring a version on new images) and
+inference (pre-labels) share it without depending on each other.
 
 torchvision's ``GeneralizedRCNN.forward`` pastes every detection's 28x28 mask into a float tensor of the
 full image size (``transform.postprocess``): 100 candidates on a 12-megapixel photo are 4.8 GB. Here the
