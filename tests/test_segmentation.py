@@ -327,6 +327,9 @@ def test_predict_route_serves_a_published_mask_version_and_health_names_the_mask
     assert result["result"] and {r["type"] for r in result["result"]} == {"polygonlabels"}
     boxes = client.post("/predict", json=dict(payload, label_config=CONFIG)).get_json()["results"][0]
     assert boxes == {"result": [], "score": None, "model_version": "livetrain-base"}
+    setup = {"project": "7.1795333704", "schema": POLYGON_CONFIG, "hostname": "", "access_token": ""}
+    assert client.post("/setup", json=setup).get_json()["model_version"] == "cells-v1"
+    assert client.post("/setup", json=dict(setup, schema=CONFIG)).get_json()["model_version"] == "livetrain-base"
 
 
 @pytest.mark.parametrize("measure", ["least_confidence", "entropy", "flip_stability"])

@@ -71,13 +71,13 @@ def active_versions(model_dir) -> dict:
 def setup():
     body = json_body()
     project = project_id(body.get("project"))
-    parse_label_config(body.get("schema"))  # a 400 here tells the user at connect time
+    control = parse_label_config(body.get("schema")).primary  # a 400 here tells the user at connect time
     state().fetcher.set_fallback(body.get("hostname"), body.get("access_token"))
     try:  # the worker may need them too (when LABEL_STUDIO_URL / _API_KEY are not set)
         save_ls_fallback(state().redis, body.get("hostname"), body.get("access_token"))
     except redis.RedisError as exc:
         log.warning("could not share Label Studio's address with the worker: %s", exc)
-    return jsonify(model_version=state().predictor.version(project))
+    return jsonify(model_version=state().predictor.version(project, control))
 
 
 @bp.post("/predict")

@@ -176,8 +176,14 @@ class Predictor:
                    settings.predict_skip_annotated if skip_annotated is None else skip_annotated,
                    settings.mask_output, settings.polygon_tolerance, settings.polygon_max_points)
 
-    def version(self, project: str) -> str:
-        return VersionStore(self.pool.model_dir, project).active() or BASE_VERSION
+    def version(self, project: str, control: ControlTag | None = None) -> str:
+        """The version /predict serves the project: its active one, unless that predicts another kind than
+        ``control`` asks for (the config moved between boxes and masks), then the base."""
+        store = VersionStore(self.pool.model_dir, project)
+        name = store.active()
+        if name is None or (control is not None and version_task(store.meta(name)) != control.task):
+            return BASE_VERSION
+        return name
 
     def predict(self, tasks: list[dict], config: LabelConfig, project: str) -> list[dict]:
         """One prediction per task, in order. A task whose image fails gets an empty prediction; with
