@@ -166,8 +166,6 @@ class MasksAt(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.roi_heads = torch.nn.Module()
-        self.roi_heads.mask_predictor = torch.nn.Identity()  # makes LoadedModel.task "masks"
         ring = torch.zeros(1, 28, 28)
         ring[0, 4:24, 4:24] = 1.0
         ring[0, 10:18, 10:18] = 0.0  # a hole: polygons fill it, brush keeps it

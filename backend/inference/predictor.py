@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from backend.errors import ImageError, LivetrainError
-from backend.model_store.detect import paste_in_box
+from backend.model_store.detect import paste_in_box, serving_limit
 from backend.inference.uncertainty import detect_and_score
 from backend.labelstudio.convert import box_to_region, image_to_tensor, mask_to_regions, shrink
 from backend.labelstudio.images import ImageFetcher
@@ -38,11 +38,6 @@ class LoadedModel:
     model: nn.Module
     version: str
     classes: tuple[str, ...]  # index i + 1 of the head -> classes[i]; 0 is background
-
-    @property
-    def task(self) -> str:
-        """``masks`` for a Mask R-CNN, else ``boxes``."""
-        return "masks" if getattr(getattr(self.model, "roi_heads", None), "mask_predictor", None) is not None else "boxes"
 
 
 @dataclass
@@ -206,8 +201,7 @@ class Predictor:
         outputs: dict[int, dict] = {}
         ready = [i for i in todo if not isinstance(images[i], LivetrainError)]
         device = next(loaded.model.parameters(), torch.empty(0)).device
-        transform = getattr(loaded.model, "transform", None)
-        limit = (transform.min_size[-1], transform.max_size) if transform is not None else None
+        limit = serving_limit(loaded.model)
         for start in range(0, len(ready), FORWARD_BATCH):
             chunk = ready[start : start + FORWARD_BATCH]
             shrunk = [shrink(images[i], limit) for i in chunk]  # as in training: the size the model works at

@@ -159,14 +159,15 @@ def _train_locked(settings: Settings, connection: redis.Redis, state: ProjectSta
         state.set_status(state="idle", waiting=f"{len(records)}/{settings.min_annotations} labeled images before the first round")
         return {"published": None, "labeled_images": len(records)}
     task = control.task if control is not None else training_set.task
-    same_kind = active is not None and version_task(store.meta(active)) == task
-    trained = store.meta(active).get("trained_annotations", {}) if same_kind else {}
+    active_meta = store.meta(active) if active else {}
+    same_kind = active is not None and version_task(active_meta) == task
+    trained = active_meta.get("trained_annotations", {}) if same_kind else {}
     if trained == {str(r.task_id): r.updated_at for r in records}:
         state.set_status(state="idle", waiting=None)
         return {"published": None, "reason": "nothing changed since " + active}
     # Label Studio down: the labels are those of the active version plus any the synced annotations use
     labels = control.labels if control is not None else tuple(dict.fromkeys(
-        [*(store.meta(active)["classes"] if active else []), *(label for r in records for label in r.labels)]))
+        [*active_meta.get("classes", []), *(label for r in records for label in r.labels)]))
     starting = StartingWeightsByTask(settings)(task)
     state.set_status(state="training", waiting=None, progress={"step": 0, "steps": settings.train_steps})
     meta = run_round(settings, starting, fetcher, RoundInputs(project, title, labels, records, task),

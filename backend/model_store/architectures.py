@@ -91,5 +91,10 @@ def replace_heads(model: nn.Module, num_classes: int) -> None:
     model.roi_heads.box_predictor = FastRCNNPredictor(in_features, num_classes)
     mask_predictor = getattr(model.roi_heads, "mask_predictor", None)
     if mask_predictor is not None:
-        model.roi_heads.mask_predictor = quiet_mask_logits(MaskRCNNPredictor(
-            mask_predictor.conv5_mask.in_channels, mask_predictor.conv5_mask.out_channels, num_classes))
+        model.roi_heads.mask_predictor = fresh_mask_predictor(mask_predictor, num_classes)
+
+
+def fresh_mask_predictor(like: nn.Module, num_classes: int) -> MaskRCNNPredictor:
+    """A new mask predictor with the channels of ``like`` and ``num_classes`` outputs, logits near zero."""
+    conv = like.conv5_mask
+    return quiet_mask_logits(MaskRCNNPredictor(conv.in_channels, conv.out_channels, num_classes))

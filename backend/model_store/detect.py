@@ -20,6 +20,13 @@ from torchvision.models.detection.transform import resize_boxes
 MASK_THRESHOLD = 0.5  # a pixel belongs to the instance when its mask probability reaches this (torchvision's)
 
 
+def serving_limit(model: nn.Module) -> tuple[int, int] | None:
+    """The (shorter, longer) image side ``model`` works at in eval mode; None for a model without torchvision's
+    transform. Images are shrunk to it before the forward (``labelstudio.convert.shrink``)."""
+    transform = getattr(model, "transform", None)
+    return (transform.min_size[-1], transform.max_size) if transform is not None else None
+
+
 def forward(model: nn.Module, images: list[torch.Tensor]) -> list[dict]:
     """Detections of ``model`` (eval mode) on ``images`` (CxHxW in [0, 1]): ``boxes`` in image pixels,
     ``labels``, ``scores`` and, for a Mask R-CNN, ``masks`` as N x 1 x M x M probabilities in box frames."""

@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
-from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 
-from backend.model_store.architectures import build_detector, task_of
-from backend.model_store.layers import freeze_batchnorm, quiet_mask_logits
+from backend.model_store.architectures import build_detector, fresh_mask_predictor, task_of
+from backend.model_store.layers import freeze_batchnorm
 from backend.model_store.weights import StartingWeights, load_detector_state
 
 
@@ -50,7 +49,7 @@ def extend_classes(model: nn.Module, old: int, new: int) -> None:
     model.roi_heads.box_predictor = grown.to(predictor.cls_score.weight.device)
     masks = getattr(model.roi_heads, "mask_predictor", None)
     if masks is not None:
-        grown = quiet_mask_logits(MaskRCNNPredictor(masks.conv5_mask.in_channels, masks.conv5_mask.out_channels, new))
+        grown = fresh_mask_predictor(masks, new)
         with torch.no_grad():
             grown.conv5_mask.load_state_dict(masks.conv5_mask.state_dict())
             grown.mask_fcn_logits.weight[:old] = masks.mask_fcn_logits.weight

@@ -114,11 +114,12 @@ def verify_known(path: Path, name: str) -> None:
         verify_name_prefix(path, name)
 
 
-def _from_file(arch: str, path: Path, sha256: str) -> StartingWeights:
+def _from_file(arch: str, path: Path, sha256: str, state: dict | None = None) -> StartingWeights:
+    """``state``: the file's state dict when the caller has read it already (files are large)."""
     if not path.is_file():
         raise WeightsError(f"WEIGHTS_PATH={path} does not exist")
     verify_sha256(path, sha256 or KNOWN_SHA256.get(path.name))
-    state = _read_state(path)
+    state = state if state is not None else _read_state(path)
     num_classes = state["roi_heads.box_predictor.cls_score.weight"].shape[0]
     categories = coco_categories(arch) if num_classes == 91 else ["__background__"] + [f"class_{i}" for i in range(1, num_classes)]
     load_detector_state(build_detector(arch, num_classes), state)  # fail now, not at the first predict
@@ -169,11 +170,30 @@ def _lite0_imagenet(task: str) -> tuple[StartingWeights | None, str]:
     return StartingWeights(OFFLINE[task], "imagenet-lite0", str(path)), ""
 
 
+_TORCHVISION_ARCHS = tuple(a for a in ARCHITECTURES if coco_weights_enum(a) is not None)
+
+
+def _arch_by_name(path: Path) -> str | None:
+    """The torchvision architecture whose published weight file has ``path``'s name, if any."""
+    return next((a for a in _TORCHVISION_ARCHS if path.name == coco_weights_enum(a).url.rsplit("/", 1)[-1]), None)
+
+
+def _kind_of_file(path: Path) -> tuple[str, dict | None]:
+    """``masks`` when the file holds a Mask R-CNN, else ``boxes``: by torchvision's file name, else by its
+    keys; with the state dict when it had to be read (None otherwise)."""
+    arch = _arch_by_name(path)
+    if arch is not None:
+        return task_of(arch), None
+    if not path.is_file():
+        raise WeightsError(f"WEIGHTS_PATH={path} does not exist")
+    state = _read_state(path)
+    return ("masks" if MASK_KEY in state else "boxes"), state
+
+
 def _arch_of_file(path: Path) -> str:
-    for arch in ARCHITECTURES:
-        enum = coco_weights_enum(arch)
-        if enum is not None and path.name == enum.url.rsplit("/", 1)[-1]:
-            return arch
+    arch = _arch_by_name(path)
+    if arch is not None:
+        return arch
     raise WeightsError(f"cannot tell the architecture of {path.name}; set MODEL_ARCH (MASK_ARCH for a Mask R-CNN) to the one it was made for")
 
 
@@ -195,9 +215,9 @@ def resolve_starting_weights(arch: str = "auto", weights_path: str = "", weights
     reasons = []
     if weights_path:
         path = Path(weights_path).expanduser()
-        kind = _kind_of_file(path)  # from the file itself, never from the architecture setting
+        kind, state = _kind_of_file(path)  # from the file itself, never from the architecture setting
         if kind == task:
-            weights = _from_file(arch if arch != "auto" else _arch_of_file(path), path, weights_sha256)
+            weights = _from_file(arch if arch != "auto" else _arch_of_file(path), path, weights_sha256, state)
             log.info("starting weights: %s", weights.detail)
             return weights
         reasons.append(f"WEIGHTS_PATH holds a {kind} model")
@@ -218,19 +238,6 @@ def resolve_starting_weights(arch: str = "auto", weights_path: str = "", weights
     warning = f"no pretrained weights ({'; '.join(reasons)}); {random_arch} starts from random init and needs many more labeled images{hint}"
     log.warning(warning)
     return StartingWeights(random_arch, "random", "; ".join(reasons), warnings=(warning,))
-
-
-_TORCHVISION_ARCHS = tuple(a for a in ARCHITECTURES if coco_weights_enum(a) is not None)
-
-
-def _kind_of_file(path: Path) -> str:
-    """``masks`` when the file holds a Mask R-CNN, else ``boxes`` (by torchvision's file name, else its keys)."""
-    for a in _TORCHVISION_ARCHS:
-        if path.name == coco_weights_enum(a).url.rsplit("/", 1)[-1]:
-            return task_of(a)
-    if not path.is_file():
-        raise WeightsError(f"WEIGHTS_PATH={path} does not exist")
-    return "masks" if MASK_KEY in _read_state(path) else "boxes"
 
 
 class StartingWeightsByTask:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from backend.errors import LivetrainError
-from backend.model_store.detect import forward, paste_in_box
+from backend.model_store.detect import forward, paste_in_box, serving_limit
 from backend.labelstudio.annotations import LabeledImage
 from backend.labelstudio.images import ImageFetcher
 from backend.metrics.quality import MaskCrop, iou, mask_iou, quality
@@ -101,23 +101,24 @@ def score_on_new_images(model, classes: tuple[str, ...], records: list[LabeledIm
     ``all_classes`` (a superset of ``classes``) must hold every label the records use."""
     scores = []
     model.eval()
-    limit = (model.transform.min_size[-1], model.transform.max_size)
+    names = all_classes or classes
     for record in records[:QUALITY_IMAGES]:
         try:
-            image, target = load_example(record, fetcher, all_classes or classes, task, limit)
+            image, target = load_example(record, fetcher, names, task, serving_limit(model))
         except LivetrainError as exc:
             log.info("task %s not scored: %s", record.task_id, exc.message)
             continue
         with torch.inference_mode():
             out = forward(model, [image.to(device)])[0]
-        names = all_classes or classes
         keep = [i for i, s in enumerate(out["scores"].tolist()) if s >= threshold]
         labels, scores_ = out["labels"].tolist(), out["scores"].tolist()
         annotated_names = [names[l - 1] for l in target["labels"].tolist()]
         if task == "masks" and "masks" in out:
             height, width = image.shape[-2:]
-            predicted = [(MaskCrop(*_crop_args(paste_in_box(out["masks"][i], out["boxes"][i], width, height))),
-                          classes[labels[i] - 1], scores_[i]) for i in keep]
+            predicted = []
+            for i in keep:
+                crop, (x0, y0) = paste_in_box(out["masks"][i], out["boxes"][i], width, height)
+                predicted.append((MaskCrop(crop, x0, y0), classes[labels[i] - 1], scores_[i]))
             annotated = [(MaskCrop.from_full(m.numpy().astype(bool)), n) for m, n in zip(target["masks"], annotated_names)]
             scores.append(quality(predicted, annotated, overlap=mask_iou).score)
         else:
@@ -126,11 +127,6 @@ def score_on_new_images(model, classes: tuple[str, ...], records: list[LabeledIm
             annotated = list(zip(target["boxes"].tolist(), annotated_names))
             scores.append(quality(predicted, annotated, overlap=iou).score)
     return statistics.mean(scores) if scores else None
-
-
-def _crop_args(pasted) -> tuple:
-    crop, (x0, y0) = pasted
-    return crop, x0, y0
 
 
 def run_round(settings: Settings, starting: StartingWeights, fetcher: ImageFetcher, inputs: RoundInputs,
