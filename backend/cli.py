@@ -12,8 +12,6 @@ import sys
 from backend.settings import Settings, settings_table
 from backend.simulation.run import add_arguments as add_simulate_arguments
 
-log = logging.getLogger("livetrain")
-
 
 def serve(args: argparse.Namespace) -> int:
     from gunicorn.app.base import BaseApplication
@@ -50,35 +48,26 @@ def serve(args: argparse.Namespace) -> int:
         Gunicorn().run()
     finally:
         if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
+            worker.send_signal(signal.SIGTERM)  # warm shutdown: the running jobs finish first
             try:
                 worker.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                worker.kill()
+                # a second SIGTERM is RQ's cold shutdown: the workers kill their work horses and the
+                # training worker stops its re-scoring child; a plain kill would leave them running
+                worker.send_signal(signal.SIGTERM)
+                try:
+                    worker.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
     return 0
 
 
 def worker(args: argparse.Namespace) -> int:
-    from rq import Worker
-
-    from backend.jobs.connection import connect
-    from backend.jobs.queue import worker_queues
-    from backend.jobs.training import queue_known_projects
+    from backend.jobs.workers import run_worker
 
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    connection = connect(settings)
-    # RQ forks a work horse per job: importing the SDK and torchvision once here instead of in every
-    # horse saves 1-2 s at the start of each round.
-    import label_studio_sdk  # noqa: F401
-    import torchvision.models.detection  # noqa: F401
-
-    queued = queue_known_projects(settings, connection)  # catch up with what happened while no worker ran
-    if queued:
-        log.info("queued a full sync and round for project(s) %s", ", ".join(queued))
-    # The scheduler moves delayed jobs (re-scoring retried while Label Studio is down) into their queue.
-    Worker(worker_queues(connection), connection=connection).work(with_scheduler=True)
-    return 0
+    return run_worker(settings, args.queue, parent_pid=args.parent_pid, base_nice=args.base_nice)
 
 
 def versions(args: argparse.Namespace) -> int:
@@ -177,12 +166,19 @@ def show_settings(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="livetrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("serve", help="run the HTTP backend with gunicorn (and an RQ worker)")
+    p = sub.add_parser("serve", help="run the HTTP backend with gunicorn (and the RQ workers)")
     p.add_argument("--host", default=None, help="overrides HOST")
     p.add_argument("--port", type=int, default=None, help="overrides PORT")
-    p.add_argument("--no-worker", action="store_true", help="do not start an RQ worker alongside")
+    p.add_argument("--no-worker", action="store_true", help="do not start the RQ workers alongside")
     p.set_defaults(func=serve)
-    sub.add_parser("worker", help="run an RQ worker for training jobs").set_defaults(func=worker)
+    p = sub.add_parser("worker", help="run the RQ workers: training, and re-scoring in a child process")
+    p.add_argument("--queue", choices=("all", "training", "rescore"), default="all",
+                   help="training: the training queue only; rescore: re-scoring and Complete jobs only; "
+                   "all (default): the training worker here and a rescore worker as a child process")
+    # set by `worker --queue all` for the rescore worker it starts
+    p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--base-nice", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=worker)
     sub.add_parser("settings", help="print every setting with its default").set_defaults(func=show_settings)
     p = sub.add_parser("versions", help="list a project's model versions (* = active)")
     p.add_argument("project")

@@ -57,16 +57,26 @@ class Settings:
     min_size: int = field(default=0, metadata={"env": "MIN_SIZE", "doc": "Shorter image side the detector works at; 0 = the architecture's default (320 for the CPU models)."})
     # Live training
     min_annotations: int = field(default=3, metadata={"env": "MIN_ANNOTATIONS", "doc": "No model version is published before this many labeled images exist; until then /predict returns empty results (or COCO detections whose class names match the project's labels)."})
-    train_on: str = field(default="annotation", metadata={"env": "TRAIN_ON", "doc": "`annotation`: any annotation webhook (created/updated/deleted, START_TRAINING) queues a round; `start_training`: only START_TRAINING does (LS's 'Start model training on annotation submission' or Start Training button)."})
-    train_steps: int = field(default=60, metadata={"env": "TRAIN_STEPS", "doc": "Optimizer steps per training round."})
+    train_on: str = field(default="annotation", metadata={"env": "TRAIN_ON", "doc": "`annotation`: any annotation webhook (created/updated/deleted, START_TRAINING) starts a training session (or feeds the running one); `start_training`: only START_TRAINING does (LS's 'Start model training on annotation submission' or Start Training button)."})
     batch_size: int = field(default=2, metadata={"env": "BATCH_SIZE", "doc": "Images per training step."})
-    learning_rate: float = field(default=0.01, metadata={"env": "LEARNING_RATE", "doc": "Peak SGD learning rate (warm-up, then cosine decay within each round)."})
+    learning_rate: float = field(default=0.01, metadata={"env": "LEARNING_RATE", "doc": "SGD learning rate of a training session: WARMUP_STEPS linear warm-up, then constant, then a DECAY_STEPS cosine tail before the session's final version."})
     train_mode: str = field(default="auto", metadata={"env": "TRAIN_MODE", "doc": "`heads` (backbone frozen), `full`, or `auto` (heads until FULL_AFTER images, then full)."})
     full_after: int = field(default=20, metadata={"env": "FULL_AFTER", "doc": "With TRAIN_MODE=auto: labeled images needed before the backbone is trained too."})
-    new_fraction: float = field(default=0.5, metadata={"env": "NEW_FRACTION", "doc": "Share of each round's samples drawn from images added since the last version (the rest replays all images, so earlier classes are not forgotten)."})
+    new_fraction: float = field(default=0.5, metadata={"env": "NEW_FRACTION", "doc": "Share of a session's draws spent on images with fewer than MIN_PASSES passes (recent ones); the rest replays all images in shuffled passes, so earlier classes are not forgotten. New and corrected images are always in the very next batch."})
     keep_versions: int = field(default=5, metadata={"env": "KEEP_VERSIONS", "doc": "Versions kept per project (plus the best and the active one)."})
-    checkpoint_every: int = field(default=20, metadata={"env": "CHECKPOINT_EVERY", "doc": "Steps between in-round checkpoints (a killed round resumes from the last one)."})
+    checkpoint_every: int = field(default=60, metadata={"env": "CHECKPOINT_EVERY", "doc": "Steps between session checkpoints (model, optimizer, sampler): a killed worker loses at most the steps since the last one, and the next session resumes from it."})
+    publish_interval: float = field(default=10.0, metadata={"env": "PUBLISH_INTERVAL", "doc": "Seconds between the versions a training session publishes while it has trained on new or changed annotations (it also publishes once more before it ends)."})
+    idle_after: float = field(default=60.0, metadata={"env": "IDLE_AFTER", "doc": "A session ends (decay tail, final version, worker freed) once no annotation arrived for this many seconds and every image has had MIN_PASSES passes; the next submit starts a new session from the active version."})
+    min_passes: int = field(default=4, metadata={"env": "MIN_PASSES", "doc": "Passes (times drawn into a batch) every labeled image gets in a session before it may end; in full mode, full-model passes."})
+    session_slice: float = field(default=300.0, metadata={"env": "SESSION_SLICE", "doc": "Fair share: when another project's training waits, a session that ran this many seconds publishes, queues itself behind it and frees the worker."})
+    warmup_steps: int = field(default=10, metadata={"env": "WARMUP_STEPS", "doc": "Linear learning-rate warm-up at the start of a session (and when the backbone joins at FULL_AFTER)."})
+    decay_steps: int = field(default=60, metadata={"env": "DECAY_STEPS", "doc": "Cosine learning-rate decay tail (to 1%) before a session's final version; at least a tenth of the session's steps."})
     lock_ttl: float = field(default=60.0, metadata={"env": "LOCK_TTL", "doc": "Seconds a dead worker's project lock survives; a live worker renews it while training."})
+    # CPU shares: web (/predict), trainer and re-scoring run in their own processes
+    train_threads: int = field(default=0, metadata={"env": "TRAIN_THREADS", "doc": "Torch threads of the training worker (0 = one per CPU core)."})
+    rescore_threads: int = field(default=1, metadata={"env": "RESCORE_THREADS", "doc": "Torch threads of the re-scoring worker (re-scoring and Complete jobs)."})
+    train_nice: int = field(default=5, metadata={"env": "TRAIN_NICE", "doc": "Niceness added to the training worker: when /predict needs the CPU it gets it first, so an opened task never waits on the trainer."})
+    rescore_nice: int = field(default=10, metadata={"env": "RESCORE_NICE", "doc": "Niceness added to the re-scoring worker: it uses what the web and the trainer leave."})
     # Prediction
     score_threshold: float = field(default=0.5, metadata={"env": "SCORE_THRESHOLD", "doc": "Regions below this score are not returned. A tag's `model_score_threshold` attribute overrides it."})
     max_detections: int = field(default=100, metadata={"env": "MAX_DETECTIONS", "doc": "At most this many regions per image."})
@@ -78,7 +88,7 @@ class Settings:
     # Re-scoring: fresh predictions for Label Studio's uncertainty sampling after each version
     rescore_on_publish: bool = field(default=True, metadata={"env": "RESCORE_ON_PUBLISH", "doc": "After each published version, score the unlabeled tasks with it in the background, write the predictions into Label Studio and move the project's model_version to it."})
     rescore_limit: int = field(default=0, metadata={"env": "RESCORE_LIMIT", "doc": "At most this many unlabeled tasks are re-scored per version, the most useful first (never scored, then lowest previous score); 0 = all."})
-    rescore_batch: int = field(default=16, metadata={"env": "RESCORE_BATCH", "doc": "Tasks scored and written to Label Studio per batch; between batches a re-scoring job stops when a newer version exists and yields to a pending training round."})
+    rescore_batch: int = field(default=16, metadata={"env": "RESCORE_BATCH", "doc": "Tasks scored and written to Label Studio per batch; between batches a re-scoring job stops when a newer version is active (that version's job takes over)."})
     old_predictions: str = field(default="delete", metadata={"env": "RESCORE_OLD_PREDICTIONS", "doc": "`delete`: when a task gets a new version's prediction, livetrain's predictions of older versions are deleted (Label Studio orders by all of a task's prediction scores); `keep`: leave them."})
     # Images
     max_image_bytes: int = field(default=50_000_000, metadata={"env": "MAX_IMAGE_BYTES", "doc": "Downloads larger than this are refused."})
@@ -124,8 +134,14 @@ class Settings:
             raise ValueError("TRAIN_MODE must be auto, heads or full")
         if self.train_on not in ("annotation", "start_training"):
             raise ValueError("TRAIN_ON must be annotation or start_training")
-        if self.min_annotations < 1 or self.train_steps < 1 or self.batch_size < 1:
-            raise ValueError("MIN_ANNOTATIONS, TRAIN_STEPS and BATCH_SIZE must be at least 1")
+        if self.min_annotations < 1 or self.batch_size < 1 or self.min_passes < 1:
+            raise ValueError("MIN_ANNOTATIONS, BATCH_SIZE and MIN_PASSES must be at least 1")
+        if self.publish_interval <= 0 or self.idle_after < 0 or self.session_slice <= 0:
+            raise ValueError("PUBLISH_INTERVAL and SESSION_SLICE must be above 0 and IDLE_AFTER at least 0")
+        if self.warmup_steps < 0 or self.decay_steps < 0 or self.checkpoint_every < 1:
+            raise ValueError("WARMUP_STEPS and DECAY_STEPS must be 0 or more and CHECKPOINT_EVERY at least 1")
+        if self.train_threads < 0 or self.rescore_threads < 0:
+            raise ValueError("TRAIN_THREADS and RESCORE_THREADS must be 0 (all cores) or more")
         if self.uncertainty not in ("least_confidence", "entropy", "flip_stability"):
             raise ValueError("UNCERTAINTY must be least_confidence, entropy or flip_stability")
         if self.old_predictions not in ("delete", "keep"):

@@ -30,7 +30,7 @@ from backend.model_store.architectures import LITE0, MASK_LITE0, build_detector 
 from backend.training.coco import load_coco  # noqa: E402
 from backend.training.data import load_example  # noqa: E402
 from backend.training.engine import sgd  # noqa: E402
-from backend.training.round import working_limit  # noqa: E402
+from backend.training.modes import working_limit  # noqa: E402
 from backend.training.transforms import augment, scale_jitter  # noqa: E402
 
 

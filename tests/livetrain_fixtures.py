@@ -69,7 +69,8 @@ def live_env(tmp_path: Path, title: str = "Shapes"):
 
 def worker_env(model_dir: Path, redis_url: str, ls_url: str, token: str, **extra) -> dict:
     env = dict(os.environ, MODEL_DIR=str(model_dir), REDIS_URL=redis_url, LABEL_STUDIO_URL=ls_url,
-               LABEL_STUDIO_API_KEY=token, DOWNLOAD_WEIGHTS="false", MIN_SIZE="128", TRAIN_STEPS="6",
+               LABEL_STUDIO_API_KEY=token, DOWNLOAD_WEIGHTS="false", MIN_SIZE="128", PUBLISH_INTERVAL="1", IDLE_AFTER="1", MIN_PASSES="2",
+               DECAY_STEPS="3", WARMUP_STEPS="2",
                BATCH_SIZE="2", MIN_ANNOTATIONS="3", LOCK_TTL="4", CHECKPOINT_EVERY="2", LOG_LEVEL="INFO",
                TORCH_HOME=str(model_dir / "torch"))
     env.update({k: str(v) for k, v in extra.items()})
@@ -85,14 +86,30 @@ class WorkerProcess:
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     def kill(self, sig=signal.SIGKILL) -> None:
-        # RQ runs each job in a "work horse" child in a session of its own: signal it too
-        horses = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
-        for pid in [self.proc.pid, *map(int, horses)]:
+        # The whole tree: the training worker, its re-scoring worker child, their schedulers and RQ work
+        # horses (each in a process group of its own). Listed before anything dies (an orphan is re-parented
+        # and no longer found); the worker first, so that it cannot start a new child meanwhile.
+        def descendants(pid: int) -> list[int]:
+            out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+            return [p for child in map(int, out) for p in (child, *descendants(child))]
+
+        tree = descendants(self.proc.pid)
+        for pid in [self.proc.pid, *tree]:
             try:
                 os.killpg(pid, sig) if pid == self.proc.pid else os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         self.proc.wait(timeout=30)
+
+        def running(pid: int) -> bool:  # a zombie waiting for its new parent to reap it counts as gone
+            try:
+                return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+            except OSError:
+                return False
+
+        deadline = time.monotonic() + 30
+        while any(running(pid) for pid in tree) and time.monotonic() < deadline:
+            time.sleep(0.1)
         self.log.close()
 
     def stop(self) -> None:
@@ -124,3 +141,20 @@ def shapes_with_masks(seed: int, width: int = 160, height: int = 120, count: int
         (ImageDraw.Draw(canvas).rectangle if label == "Square" else ImageDraw.Draw(canvas).ellipse)((x1, y1, x2, y2), fill=255)
         out.append((np.asarray(canvas) > 0, label))
     return png, out
+
+
+def train_version(settings, starting, fetcher, inputs, records, steps: int) -> dict:
+    """What a session does with ``records``, in process: score the new ones with the served version, train
+    ``steps`` steps and the decay tail, publish. Returns the new version's meta."""
+    import torch
+
+    from backend.training.session import TrainingSession
+
+    session = TrainingSession(settings, starting, fetcher, inputs, torch.device("cpu"))
+    session.update(records)
+    session.score_new(records)
+    session.train(steps)
+    session.start_decay()
+    while not session.decay_done():
+        session.step()
+    return session.store.meta(session.publish())

@@ -1,5 +1,6 @@
 """Live training end to end with a real Redis, a real RQ worker process and a Label Studio double that
-serves the real API shapes: webhooks -> coalesced job -> sync -> round -> version -> /predict."""
+serves the real API shapes: webhooks -> one session per project -> sync -> versions -> /predict. Asserts
+on order and content (which session published what), never on wall-clock times."""
 
 from __future__ import annotations
 
@@ -82,7 +83,16 @@ def test_webhook_burst_queues_one_job(env):
     assert env.client.post("/webhook", json=webhook("PROJECT_UPDATED", env.project)).get_json()["status"] == "ignored"
 
 
-def test_rounds_publish_versions_served_by_predict_and_rollback(env):
+def versions(e, project=None) -> list[dict]:
+    return VersionStore(e.settings.model_dir, project or e.project).list()
+
+
+def covering(e, task_id, project=None) -> list[dict]:
+    """The versions whose meta says they trained on ``task_id``."""
+    return [v for v in versions(e, project) if str(task_id) in v["trained_annotations"]]
+
+
+def test_sessions_publish_versions_served_by_predict_and_rollback(env):
     env.add_labeled(2)
     env.start_worker()
     status = wait_for_idle(env.redis, env.project, timeout=120)
@@ -91,79 +101,129 @@ def test_rounds_publish_versions_served_by_predict_and_rollback(env):
 
     env.add_labeled(2, start=2)
     status = wait_for_idle(env.redis, env.project, timeout=180)
-    assert status["active_version"] == "shapes-v1", env.log()[-3000:]
-    meta = VersionStore(env.settings.model_dir, env.project).meta("shapes-v1")
-    assert meta["images"] == 4 and meta["classes"] == ["Square", "Disc"] and meta["parent"] is None
-    assert all(k in meta for k in ("losses", "duration_s", "published_at", "settings", "annotations"))
-    wait_until(lambda: predict(env)["model_version"] == "shapes-v1", timeout=10, what="/predict on v1")
-    assert predict(env)["score"] is not None  # the image was fetched from Label Studio and run through v1
+    first = versions(env)
+    assert first and status["active_version"] == first[-1]["name"], env.log()[-3000:]
+    assert status["last_session"]["end_reason"] == "idle" and status["last_session"]["versions"] == len(first)
+    meta = first[-1]
+    assert meta["images"] == 4 and meta["classes"] == ["Square", "Disc"] and meta["final"]
+    assert first[0]["parent"] is None and all(v["session"] == meta["session"] for v in first)
+    assert all(k in meta for k in ("losses", "duration_s", "published_at", "settings", "annotations", "total_steps"))
+    active = meta["name"]
+    wait_until(lambda: predict(env)["model_version"] == active, timeout=10, what="/predict on the active version")
+    assert predict(env)["score"] is not None  # the image was fetched from Label Studio and run through it
+    # each new image was scored (live quality) before the model trained on it: by livetrain-base here
+    quality = env.client.get("/status").get_json()["projects"][env.project]["quality"]
+    assert quality["images"] == 4 and quality["last"]["version"] == "livetrain-base"
 
-    env.add_labeled(1, start=4)
+    env.add_labeled(1, start=4)  # the session ended: this submit starts a new one, continuing from the active version
     status = wait_for_idle(env.redis, env.project, timeout=180)
-    assert status["active_version"] == "shapes-v2" and status["last_round"]["parent"] == "shapes-v1"
-    assert status["last_round"]["new_images"] == 1
-    wait_until(lambda: predict(env)["model_version"] == "shapes-v2", timeout=10, what="/predict on v2")
-    versions = env.client.get(f"/versions?project={env.project}").get_json()
-    assert versions["versions"][-2:] == ["shapes-v1", "shapes-v2"]
-    # v1's pre-labels were scored on the image it had not seen yet (prequential quality)
-    assert isinstance(VersionStore(env.settings.model_dir, env.project).meta("shapes-v1").get("quality"), float)
+    second = [v for v in versions(env) if v["session"] != meta["session"]]
+    assert second and second[0]["parent"] == active and second[0]["total_steps"] > meta["total_steps"]
+    assert str(env.task_ids()[-1]) in second[-1]["trained_annotations"] and status["active_version"] == second[-1]["name"]
+    quality = env.client.get("/status").get_json()["projects"][env.project]["quality"]
+    assert quality["images"] == 5 and quality["last"]["version"] == active  # scored by the version served then
+    newest = second[-1]["name"]
+    wait_until(lambda: predict(env)["model_version"] == newest, timeout=10, what="/predict on the new session's version")
 
-    reply = env.client.post(f"/projects/{env.project}/rollback", json={"version": "shapes-v1"})
+    reply = env.client.post(f"/projects/{env.project}/rollback", json={"version": active})
     assert reply.status_code == 200
-    wait_until(lambda: predict(env)["model_version"] == "shapes-v1", timeout=10, what="rollback served")
+    wait_until(lambda: predict(env)["model_version"] == active, timeout=10, what="rollback served")
     assert env.client.post(f"/projects/{env.project}/rollback", json={"version": "nope-v9"}).status_code == 400
-    cli = subprocess.run([sys.executable, "-m", "backend.cli", "rollback", env.project, "shapes-v2"],
+    cli = subprocess.run([sys.executable, "-m", "backend.cli", "rollback", env.project, newest],
                          env=worker_env(env.tmp, env.settings.redis_url, env.fake.url, env.fake.token),
                          capture_output=True, text=True)
     assert cli.returncode == 0, cli.stderr
-    wait_until(lambda: predict(env)["model_version"] == "shapes-v2", timeout=10, what="CLI rollback served")
+    wait_until(lambda: predict(env)["model_version"] == newest, timeout=10, what="CLI rollback served")
 
 
-def test_killed_worker_leaves_active_version_intact_and_next_round_resumes(env):
+def test_submit_during_a_session_is_trained_by_that_session(env):
+    env.start_worker(IDLE_AFTER=600)  # the session keeps training: it never goes idle here
     env.add_labeled(3)
-    worker = env.start_worker()
-    assert wait_for_idle(env.redis, env.project, timeout=180)["active_version"] == "shapes-v1", env.log()[-3000:]
-    store = VersionStore(env.settings.model_dir, env.project)
-    v1_bytes = (store.versions_dir / "shapes-v1" / "model.pt").read_bytes()
-    worker.stop()
-
-    slow = dict(TRAIN_STEPS=40, CHECKPOINT_EVERY=2)
-    worker = env.start_worker(**slow)
+    wait_until(lambda: versions(env), timeout=180, what="the first version")
+    session = versions(env)[0]["session"]
     env.add_labeled(1, start=3)
-    state = ProjectState(env.redis, env.project)
-    wait_until(lambda: (state.status().get("progress") or {}).get("step", 0) >= 4, timeout=180, what="round under way")
-    worker.kill()  # SIGKILL the worker and its work horse mid-round
+    task = env.task_ids()[-1]
+    found = wait_until(lambda: covering(env, task), timeout=120, what="a version trained on the new submit")
+    assert found[0]["session"] == session  # the same session took it in: no new job, no reload
+    status = ProjectState(env.redis, env.project).status()
+    assert status["state"] == "training" and status["session"]["id"] == session
+    assert Queue(QUEUE_NAME, connection=env.redis).count == 0  # the webhook queued nothing while it ran
 
-    assert store.active() == "shapes-v1" and store.names() == ["shapes-v1"]
-    assert (store.versions_dir / "shapes-v1" / "model.pt").read_bytes() == v1_bytes
-    torch.load(store.versions_dir / "shapes-v1" / "model.pt", weights_only=True)  # not corrupt
-    assert (store.root / "checkpoints" / "round.pt").exists()
 
-    env.start_worker(**slow)  # on start it queues a catch-up round; the dead worker's lock expires (LOCK_TTL)
+def test_two_projects_share_one_worker(env):
+    other = env.fake.add_project(CONFIG, title="Other")
+    env.start_worker(IDLE_AFTER=600, SESSION_SLICE=3)  # sessions never end by idleness: only fair share switches
+
+    def submit(project, seed):
+        png, objects = shapes_image(seed)
+        task = env.fake.add_task(project, png, name=f"o{seed}.png")
+        env.fake.annotate(task, regions(env.fake, objects))
+        env.client.post("/webhook", json=webhook("ANNOTATION_CREATED", project, task))
+        return task
+
+    seed = 0
+    for _ in range(3):
+        submit(int(env.project), seed)
+        submit(other, seed + 100)
+        seed += 1
+    last = {}
+    # both keep submitting; each project's newest submit is soon in one of its versions
+    for _ in range(3):
+        last[env.project], last[str(other)] = submit(int(env.project), seed), submit(other, seed + 100)
+        seed += 1
+        for project, task in last.items():
+            wait_until(lambda: covering(env, task, project), timeout=240, what=f"project {project} trained on {task}")
+    mine, theirs = versions(env), versions(env, str(other))
+    sessions = {v["session"] for v in mine} | {v["session"] for v in theirs}
+    assert len({v["session"] for v in mine}) >= 2 and len({v["session"] for v in theirs}) >= 2, env.log()[-3000:]
+    # they took turns: some version of each project was published after a version of the other
+    assert max(v["published_at"] for v in mine) > min(v["published_at"] for v in theirs)
+    assert max(v["published_at"] for v in theirs) > min(v["published_at"] for v in mine)
+    assert len(sessions) >= 4
+
+
+def test_killed_worker_loses_no_annotation_and_the_next_session_resumes(env):
+    worker = env.start_worker(IDLE_AFTER=600, CHECKPOINT_EVERY=2)
+    env.add_labeled(3)
+    wait_until(lambda: versions(env), timeout=180, what="the first version")
+    env.add_labeled(1, start=3)  # submitted during the session
+    task = env.task_ids()[-1]
+    store = VersionStore(env.settings.model_dir, env.project)
+    dataset = store.root / "dataset.json"
+    wait_until(lambda: str(task) in json.loads(dataset.read_text())["records"], timeout=60, what="the submit synced")
+    checkpoint = store.root / "checkpoints" / "session.pt"
+    wait_until(lambda: checkpoint.exists(), timeout=60, what="a session checkpoint")
+    worker.kill()  # SIGKILL the worker and its work horse mid-session
+
+    active = store.active()
+    torch.load(store.versions_dir / active / "model.pt", weights_only=True)  # the served version is whole
+    assert checkpoint.exists() and str(task) in json.loads(dataset.read_text())["records"]
+    env.start_worker()  # on start it queues a catch-up session; the dead worker's lock expires (LOCK_TTL)
     status = wait_for_idle(env.redis, env.project, timeout=300)
-    assert status["active_version"] == "shapes-v2", env.log()[-3000:]
-    assert "resuming the interrupted round" in env.log()
-    assert not (store.root / "checkpoints" / "round.pt").exists()
+    assert "resuming the interrupted session" in env.log(), env.log()[-3000:]
+    assert str(task) in store.meta(status["active_version"])["trained_annotations"]
+    assert not checkpoint.exists()
 
 
-def test_deleted_annotation_leaves_next_round(env):
+def test_deleted_annotation_leaves_the_next_version(env):
     env.add_labeled(4)
     env.start_worker()
-    assert wait_for_idle(env.redis, env.project, timeout=180)["active_version"] == "shapes-v1", env.log()[-3000:]
+    first = wait_for_idle(env.redis, env.project, timeout=180)["active_version"]
+    assert first, env.log()[-3000:]
     store = VersionStore(env.settings.model_dir, env.project)
-    first, second = env.task_ids()[1:3]
-    assert str(first) in store.meta("shapes-v1")["trained_annotations"]
+    removed, second = env.task_ids()[1:3]
+    assert str(removed) in store.meta(first)["trained_annotations"]
 
-    env.fake.delete_annotation(env.tasks[first])
-    env.client.post("/webhook", json=webhook("ANNOTATIONS_DELETED", env.project, annotations=[env.tasks[first]]))
+    env.fake.delete_annotation(env.tasks[removed])
+    env.client.post("/webhook", json=webhook("ANNOTATIONS_DELETED", env.project, annotations=[env.tasks[removed]]))
     # and an update of another task changes what it teaches
     png, objects = shapes_image(100, count=3)
     env.fake.update_annotation(env.tasks[second], regions(env.fake, objects[:1]))
     env.client.post("/webhook", json=webhook("ANNOTATION_UPDATED", env.project, second))
     status = wait_for_idle(env.redis, env.project, timeout=180)
-    assert status["active_version"] == "shapes-v2"
-    meta = store.meta("shapes-v2")
-    assert meta["images"] == 3 and str(first) not in meta["trained_annotations"]
+    assert status["active_version"] != first
+    meta = store.meta(status["active_version"])
+    assert meta["images"] == 3 and str(removed) not in meta["trained_annotations"]
     dataset = json.loads((store.root / "dataset.json").read_text())
     assert len(dataset["records"][str(second)]["boxes"]) == 1
 
@@ -171,15 +231,32 @@ def test_deleted_annotation_leaves_next_round(env):
 def test_lost_webhook_is_picked_up_by_the_next_sync(env):
     env.add_labeled(3)
     env.start_worker()
-    assert wait_for_idle(env.redis, env.project, timeout=180)["active_version"] == "shapes-v1", env.log()[-3000:]
+    first = wait_for_idle(env.redis, env.project, timeout=180)["active_version"]
+    assert first, env.log()[-3000:]
     png, objects = shapes_image(7)
     task = env.fake.add_task(int(env.project), png, name="img7.png")
     env.fake.annotate(task, regions(env.fake, objects))  # its webhook never arrives
-    # the next (incremental) round, triggered by another task's update, still finds it
-    first = env.task_ids()[0]
+    # the next session, started by another task's update, still finds it (its first sync compares updated_at)
+    first_task = env.task_ids()[0]
     png, objects = shapes_image(1)
-    env.fake.update_annotation(env.tasks[first], regions(env.fake, objects))
-    env.client.post("/webhook", json=webhook("ANNOTATION_UPDATED", env.project, first))
+    env.fake.update_annotation(env.tasks[first_task], regions(env.fake, objects))
+    env.client.post("/webhook", json=webhook("ANNOTATION_UPDATED", env.project, first_task))
     status = wait_for_idle(env.redis, env.project, timeout=180)
-    assert status["active_version"] == "shapes-v2"
-    assert str(task) in VersionStore(env.settings.model_dir, env.project).meta("shapes-v2")["trained_annotations"]
+    assert status["active_version"] != first
+    assert str(task) in VersionStore(env.settings.model_dir, env.project).meta(status["active_version"])["trained_annotations"]
+
+
+def test_rescoring_progresses_while_a_session_trains(env):
+    unlabeled = [env.fake.add_task(int(env.project), shapes_image(200 + i)[0], name=f"u{i}.png") for i in range(4)]
+    env.start_worker(IDLE_AFTER=600)  # the session never ends here: re-scoring must not wait for it
+    env.add_labeled(3)
+
+    def scored():
+        versions_written = {p["model_version"] for t in unlabeled for p in env.fake.task_predictions(t)}
+        return versions_written - {"livetrain-base"}
+
+    written = wait_until(scored, timeout=180, what="predictions of a published version on the unlabeled tasks")
+    status = ProjectState(env.redis, env.project).status()
+    assert status["state"] == "training" and status["rescore"]["done"] > 0, status
+    assert all(v.startswith("shapes-v") for v in written)  # versions may be pruned meanwhile (KEEP_VERSIONS)
+    assert env.fake.projects[int(env.project)]["model_version"].startswith("shapes-v")  # moved to a fresh version

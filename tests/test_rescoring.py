@@ -97,33 +97,40 @@ def wait_rescored(e, version, timeout=120):
                       and e.rescore(), timeout=timeout, what=f"re-scoring with {version}\n{e.log()}")
 
 
+def session_version(e, previous=None) -> str:
+    """The active version once training is idle: a session may publish several, the last one counts."""
+    version = wait_for_idle(e.redis, e.project, timeout=180)["active_version"]
+    assert version and version.startswith("shapes-v") and version != previous, e.log()
+    return version
+
+
 def test_each_version_rescores_every_unlabeled_task_and_moves_the_project(env):
     env.add(unlabeled=4)
     env.add(labeled=3)
     env.start_worker()
-    assert wait_for_idle(env.redis, env.project, timeout=180)["active_version"] == "shapes-v1", env.log()
-    report = wait_rescored(env, "shapes-v1")
+    v1 = session_version(env)
+    report = wait_rescored(env, v1)
     assert report["total"] == 4 and report["written"] == 4 and report["failed"] == 0
-    assert env.fake.projects[int(env.project)]["model_version"] == "shapes-v1"
+    assert env.fake.projects[int(env.project)]["model_version"] == v1
     for tid in env.unlabeled:
         (prediction,) = env.fake.task_predictions(tid)
-        assert prediction["model_version"] == "shapes-v1" and isinstance(prediction["score"], float)
+        assert prediction["model_version"] == v1 and isinstance(prediction["score"], float)
         assert 0.0 <= prediction["score"] <= 1.0
         assert env.fake.predictions_score(tid) == prediction["score"]  # what Label Studio's sampling reads
     assert all(env.fake.task_predictions(t) == [] for t in env.labeled)
     status = env.client.get("/status").get_json()["projects"][env.project]
-    assert status["rescore"]["state"] == "done" and status["rescore"]["version"] == "shapes-v1"
+    assert status["rescore"]["state"] == "done" and status["rescore"]["version"] == v1
 
     # a foreign prediction stays; livetrain's older version is replaced
     env.fake.add_prediction(env.unlabeled[0], [], 0.3, "manual-import")
     env.add(labeled=1)
-    assert wait_for_idle(env.redis, env.project, timeout=180)["active_version"] == "shapes-v2", env.log()
-    report = wait_rescored(env, "shapes-v2")
-    assert report["written"] == 4 and report["deleted"] == 4
-    assert env.fake.projects[int(env.project)]["model_version"] == "shapes-v2"
+    v2 = session_version(env, previous=v1)
+    report = wait_rescored(env, v2)
+    assert report["written"] == 4 and report["deleted"] == 4  # each task had one older livetrain prediction
+    assert env.fake.projects[int(env.project)]["model_version"] == v2
     for tid in env.unlabeled:
         versions = sorted(p["model_version"] for p in env.fake.task_predictions(tid))
-        assert versions == (["manual-import", "shapes-v2"] if tid == env.unlabeled[0] else ["shapes-v2"])
+        assert versions == (["manual-import", v2] if tid == env.unlabeled[0] else [v2])
 
 
 def test_limit_scores_the_most_useful_tasks_first(env):
@@ -132,13 +139,16 @@ def test_limit_scores_the_most_useful_tasks_first(env):
     a, b, c, d = env.unlabeled
     env.fake.add_prediction(a, [], 0.9, "imported")
     env.fake.add_prediction(b, [], 0.1, "imported")
-    env.start_worker(RESCORE_LIMIT=3, RESCORE_OLD_PREDICTIONS="keep")
-    assert wait_for_idle(env.redis, env.project, timeout=180)["active_version"] == "shapes-v1", env.log()
-    report = wait_rescored(env, "shapes-v1")
-    assert report["written"] == 3
-    scored = {t for t in env.unlabeled if any(p["model_version"] == "shapes-v1" for p in env.fake.task_predictions(t))}
+    # on demand, once the session is over: its versions would each score a few tasks and change the order
+    env.start_worker(RESCORE_LIMIT=3, RESCORE_OLD_PREDICTIONS="keep", RESCORE_ON_PUBLISH="false")
+    version = session_version(env)
+    reply = env.client.post(f"/projects/{env.project}/rescore")
+    assert reply.status_code == 200 and reply.get_json()["queued"]
+    report = wait_for_job(env.redis, reply.get_json()["job"], timeout=60)["result"]
+    assert report["version"] == version and report["written"] == 3, report
+    scored = {t for t in env.unlabeled if any(p["model_version"] == version for p in env.fake.task_predictions(t))}
     assert scored == {c, d, b}  # never scored, then the lowest previous score; a (0.9) waits
-    # on demand, nothing more is written: the limit counts the tasks already carrying the version
+    # again, nothing more is written: the limit counts the tasks already carrying the version
     reply = env.client.post(f"/projects/{env.project}/rescore")
     assert reply.status_code == 200 and reply.get_json()["queued"]
     job = wait_for_job(env.redis, reply.get_json()["job"], timeout=60)
@@ -150,21 +160,21 @@ def test_a_newer_version_supersedes_a_running_rescore(env):
     env.add(labeled=3)
     env.fake.delay = 0.15  # a slow Label Studio: the job is still busy when v2 arrives
     env.start_worker(RESCORE_BATCH=1)
-    assert wait_for_idle(env.redis, env.project, timeout=180)["active_version"] == "shapes-v1", env.log()
-    wait_until(lambda: env.rescore().get("version") == "shapes-v1" and env.rescore().get("done", 0) >= 1,
+    version = session_version(env)
+    wait_until(lambda: env.rescore().get("version") == version and env.rescore().get("done", 0) >= 1,
                timeout=60, what="re-scoring under way")
     first_job = env.rescore()["job"]
     store = VersionStore(env.settings.model_dir, env.project)
-    state, meta = store.load("shapes-v1")
-    store.publish(state, {k: v for k, v in meta.items() if k not in ("name", "published_at")}, "Shapes")
+    state, meta = store.load(version)
+    newer = store.publish(state, {k: v for k, v in meta.items() if k not in ("name", "published_at")}, "Shapes")
     enqueue_rescore(env.redis, env.project)
     old = wait_for_job(env.redis, first_job, timeout=60)
     assert old["result"]["state"] == "superseded" and old["result"]["written"] < 8, old
     env.fake.delay = 0
-    wait_rescored(env, "shapes-v2")
+    wait_rescored(env, newer)
     for tid in env.unlabeled:
-        assert [p["model_version"] for p in env.fake.task_predictions(tid)] == ["shapes-v2"]
-    assert env.fake.projects[int(env.project)]["model_version"] == "shapes-v2"
+        assert [p["model_version"] for p in env.fake.task_predictions(tid)] == [newer]
+    assert env.fake.projects[int(env.project)]["model_version"] == newer
 
 
 def test_complete_route_and_cli(env):
@@ -172,7 +182,7 @@ def test_complete_route_and_cli(env):
     env.add(labeled=3)
     env.start_worker(RESCORE_ON_PUBLISH="false")
     assert env.client.post(f"/projects/{env.project}/complete", json={}).status_code == 400  # no version yet
-    assert wait_for_idle(env.redis, env.project, timeout=180)["active_version"] == "shapes-v1", env.log()
+    version = session_version(env)
     u1, u2, u3 = env.unlabeled
     old = env.fake.add_prediction(u1, [], 0.5, "imported")
     assert env.client.post(f"/projects/{env.project}/complete", json={"tasks": "some"}).status_code == 400
@@ -190,9 +200,9 @@ def test_complete_route_and_cli(env):
     assert env.fake.task_predictions(env.labeled[0]) == []
     for tid in (u1, u2):
         (prediction,) = env.fake.task_predictions(tid)  # u1's imported prediction was removed
-        assert prediction["model_version"] == "shapes-v1" and len(prediction["result"]) <= 1
+        assert prediction["model_version"] == version and len(prediction["result"]) <= 1
     assert old not in env.fake.predictions and env.fake.task_predictions(u3) == []
-    assert env.fake.projects[int(env.project)]["model_version"] == "shapes-v1"
+    assert env.fake.projects[int(env.project)]["model_version"] == version
     assert env.client.get("/status").get_json()["projects"][env.project]["complete"]["state"] == "done"
     assert env.client.get("/jobs/nope").status_code == 404
 
@@ -202,5 +212,5 @@ def test_complete_route_and_cli(env):
                          capture_output=True, text=True, timeout=180)
     assert cli.returncode == 0, cli.stderr
     result = json.loads(cli.stdout.splitlines()[-1])["result"]
-    assert result["skipped"] == [u2] and result["written"] == 1  # u2 already has v1's: no duplicate
-    assert [p["model_version"] for p in env.fake.task_predictions(u3)] == ["shapes-v1"]
+    assert result["skipped"] == [u2] and result["written"] == 1  # u2 already has this version's: no duplicate
+    assert [p["model_version"] for p in env.fake.task_predictions(u3)] == [version]

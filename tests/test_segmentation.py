@@ -24,9 +24,9 @@ from backend.model_store.versions import VersionStore
 from backend.model_store.weights import resolve_starting_weights
 from backend.settings import Settings
 from backend.training.data import load_example
-from backend.training.round import RoundInputs, run_round
+from backend.training.session import SessionInputs
 from backend.training.transforms import hflip
-from tests.livetrain_fixtures import BRUSH_CONFIG, CONFIG, POLYGON_CONFIG, shapes_image, shapes_with_masks
+from tests.livetrain_fixtures import BRUSH_CONFIG, CONFIG, POLYGON_CONFIG, shapes_image, shapes_with_masks, train_version
 
 LABELS = ("Square", "Disc")
 POLY = parse_label_config(POLYGON_CONFIG).primary
@@ -68,7 +68,7 @@ def mask_records(image_server, seeds, kind="polygons", count=None):
 
 
 def settings_for(tmp_path, **kw):
-    base = dict(model_dir=tmp_path, download_weights=False, min_size=128, train_steps=8, batch_size=2,
+    base = dict(model_dir=tmp_path, download_weights=False, min_size=128, batch_size=2, warmup_steps=2, decay_steps=4,
                 checkpoint_every=4, learning_rate=0.01)
     return Settings(**(base | kw))
 
@@ -267,14 +267,13 @@ MASK_AP50_BAR = 0.6
 def test_mask_rounds_learn_shapes_mask_ap(tmp_path, image_server):
     """Polygon annotations, three rounds as labels arrive: mask AP@0.5 on fresh images clears the bar."""
     torch.manual_seed(0)
-    settings = settings_for(tmp_path, train_steps=30, batch_size=4, learning_rate=0.02, full_after=1000)
+    settings = settings_for(tmp_path, batch_size=4, learning_rate=0.02, full_after=1000)
     starting = resolve_starting_weights(settings.mask_arch, download=False, task="masks")
     assert (starting.arch, starting.source) == ("maskrcnn_lite0_fpn", "imagenet-lite0")
     fetcher = ImageFetcher(settings)
     records = mask_records(image_server, range(24))
     for size in (12, 24):
-        meta = run_round(settings, starting, fetcher, RoundInputs("1", "shapes", LABELS, records[:size], "masks"),
-                         torch.device("cpu"))
+        meta = train_version(settings, starting, fetcher, SessionInputs("1", "shapes", LABELS, "masks"), records[:size], 30)
     assert meta["name"] == "shapes-v2" and meta["task"] == "masks" and meta["arch"] == "maskrcnn_lite0_fpn"
     store = VersionStore(tmp_path, "1")
     assert isinstance(store.meta("shapes-v1").get("quality"), float)  # scored with mask IoU on new images
@@ -290,16 +289,16 @@ def test_brush_round_then_box_config_starts_a_new_model(tmp_path, image_server):
     settings = settings_for(tmp_path)
     fetcher = ImageFetcher(settings)
     masks = resolve_starting_weights(settings.mask_arch, download=False, task="masks")
-    meta = run_round(settings, masks, fetcher, RoundInputs("1", "p", LABELS, mask_records(image_server, range(3), "brush"), "masks"),
-                     torch.device("cpu"))
+    meta = train_version(settings, masks, fetcher, SessionInputs("1", "p", LABELS, "masks"),
+                         mask_records(image_server, range(3), "brush"), 8)
     state, _ = VersionStore(tmp_path, "1").load(meta["name"])
     assert meta["task"] == "masks" and "roi_heads.mask_predictor.mask_fcn_logits.weight" in state
     boxes = resolve_starting_weights(settings.model_arch, download=False)
     png, objects = shapes_image(1)
     from tests.test_training import records_for
 
-    meta = run_round(settings, boxes, fetcher, RoundInputs("1", "p", LABELS, records_for(image_server, range(3)), "boxes"),
-                     torch.device("cpu"))
+    meta = train_version(settings, boxes, fetcher, SessionInputs("1", "p", LABELS, "boxes"),
+                         records_for(image_server, range(3)), 8)
     assert meta["task"] == "boxes" and meta["parent"] is None and meta["arch"] == "fasterrcnn_lite0_fpn"
 
 

@@ -1,4 +1,4 @@
-"""`livetrain serve` as the README runs it: gunicorn + RQ worker + embedded Redis, over real HTTP."""
+"""`livetrain serve` as the README runs it: gunicorn + RQ workers + embedded Redis, over real HTTP."""
 
 from __future__ import annotations
 
@@ -43,18 +43,22 @@ def test_serve_runs_gunicorn_worker_and_embedded_redis(tmp_path, image_server):
         payload = {"tasks": [{"id": 1, "data": {"image": url}}], "project": "1.1", "label_config": BOX_CONFIG}
         reply = requests.post(f"http://127.0.0.1:{port}/predict", json=payload, timeout=60)
         assert reply.status_code == 200 and len(reply.json()["results"]) == 1
-        # the embedded Redis lives under MODEL_DIR and the RQ worker registered with it
+        # the embedded Redis lives under MODEL_DIR and both RQ workers registered with it: training, and
+        # re-scoring (a child of the training worker)
         registry = json.loads((tmp_path / "redis" / "livetrain.db.settings").read_text())
         conn = redis.Redis(unix_socket_path=registry["unixsocket"])
         deadline = time.monotonic() + 60
-        while not Worker.all(connection=conn) and time.monotonic() < deadline:
+        while len(Worker.all(connection=conn)) < 2 and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert len(Worker.all(connection=conn)) == 1
+        workers = {q: w.pid for w in Worker.all(connection=conn) for q in w.queue_names()}
+        assert sorted(workers) == ["livetrain", "livetrain-rescore"], workers
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out.decode()[-2000:]
-    # nothing of ours is left running in that process group
+    # nothing of ours is left running in that process group, nor in the re-scoring worker's (a session of its own)
     time.sleep(0.5)
-    leftovers = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    assert leftovers == [], leftovers
+    leftovers = [pid for group in (proc.pid, workers["livetrain-rescore"]) for pid in
+                 subprocess.run(["pgrep", "-g", str(group)], capture_output=True, text=True).stdout.split()]
+    assert leftovers == [], [(pid, subprocess.run(["ps", "-o", "stat=,args=", "-p", pid], capture_output=True,
+                                                  text=True).stdout) for pid in leftovers] + [out.decode()[-3000:]]

@@ -1,4 +1,4 @@
-"""Training pieces: replay rounds learn, labels added mid-project keep what was learned, NaN aborts."""
+"""Training pieces: sessions learn, labels added mid-project keep what was learned, NaN aborts."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from backend.model_store.versions import VersionStore
 from backend.model_store.weights import resolve_starting_weights
 from backend.settings import Settings
 from backend.training.engine import NonFiniteLoss
-from backend.training.round import RoundInputs, run_round
-from tests.livetrain_fixtures import shapes_image
+from backend.training.session import SessionInputs
+from tests.livetrain_fixtures import shapes_image, train_version
 
 LABELS = ("Square", "Disc")
 
@@ -34,21 +34,21 @@ def records_for(image_server, seeds, width=160, height=120):
 
 
 def settings_for(tmp_path, **kw):
-    base = dict(model_dir=tmp_path, download_weights=False, min_size=128, train_steps=8, batch_size=2,
+    base = dict(model_dir=tmp_path, download_weights=False, min_size=128, batch_size=2, warmup_steps=2, decay_steps=4,
                 checkpoint_every=4, learning_rate=0.01)
     base.update(kw)
     return Settings(**base)
 
 
 def test_replay_rounds_learn_to_find_shapes(tmp_path, image_server):
-    """A few dozen labeled images, three rounds: objects on fresh images are found."""
+    """A few dozen labeled images arriving in three batches (a session each): objects on fresh images are found."""
     torch.manual_seed(0)
-    settings = settings_for(tmp_path, train_steps=70, batch_size=4, learning_rate=0.02, full_after=1000)
+    settings = settings_for(tmp_path, batch_size=4, learning_rate=0.02, full_after=1000)
     starting = resolve_starting_weights(settings.model_arch, download=False)
     fetcher = ImageFetcher(settings)
     records = records_for(image_server, range(36))
-    for size in (12, 24, 36):  # more labels arrive between rounds
-        meta = run_round(settings, starting, fetcher, RoundInputs("1", "shapes", LABELS, records[:size]), torch.device("cpu"))
+    for size in (12, 24, 36):  # more labels arrive between sessions
+        meta = train_version(settings, starting, fetcher, SessionInputs("1", "shapes", LABELS), records[:size], 70)
     assert meta["name"] == "shapes-v3" and meta["images"] == 36 and meta["new_images"] == 12
     store = VersionStore(tmp_path, "1")
     model = model_from_version(*store.load("shapes-v3"), min_size=128).eval()
@@ -87,8 +87,8 @@ def test_label_added_mid_project_grows_the_next_version(tmp_path, image_server):
     starting = resolve_starting_weights(settings.model_arch, download=False)
     fetcher = ImageFetcher(settings)
     records = records_for(image_server, range(4))
-    run_round(settings, starting, fetcher, RoundInputs("1", "p", LABELS, records), torch.device("cpu"))
-    meta = run_round(settings, starting, fetcher, RoundInputs("1", "p", LABELS + ("Star",), records), torch.device("cpu"))
+    train_version(settings, starting, fetcher, SessionInputs("1", "p", LABELS), records, 8)
+    meta = train_version(settings, starting, fetcher, SessionInputs("1", "p", LABELS + ("Star",)), records, 8)
     assert meta["classes"] == ["Square", "Disc", "Star"] and meta["parent"] == "p-v1"
     state, _ = VersionStore(tmp_path, "1").load("p-v2")
     assert state["roi_heads.box_predictor.cls_score.weight"].shape[0] == 4
@@ -99,9 +99,9 @@ def test_non_finite_loss_aborts_and_keeps_previous_version(tmp_path, image_serve
     starting = resolve_starting_weights(settings.model_arch, download=False)
     fetcher = ImageFetcher(settings)
     records = records_for(image_server, range(4))
-    run_round(settings, starting, fetcher, RoundInputs("1", "p", LABELS, records), torch.device("cpu"))
-    exploding = settings_for(tmp_path, learning_rate=1e12, train_steps=30)
+    train_version(settings, starting, fetcher, SessionInputs("1", "p", LABELS), records, 8)
+    exploding = settings_for(tmp_path, learning_rate=1e12)
     with pytest.raises(NonFiniteLoss):
-        run_round(exploding, starting, fetcher, RoundInputs("1", "p", LABELS, records), torch.device("cpu"))
+        train_version(exploding, starting, fetcher, SessionInputs("1", "p", LABELS), records, 30)
     store = VersionStore(tmp_path, "1")
     assert store.active() == "p-v1" and store.names() == ["p-v1"]

@@ -94,13 +94,13 @@ def predict():
     return jsonify(results=results)
 
 
-# Events that change annotations; each queues a round (coalesced) unless TRAIN_ON=start_training.
+# Events that change annotations; each feeds or starts the project's training session unless TRAIN_ON=start_training.
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED", "TASKS_DELETED")
 
 
 @bp.post("/webhook")
 def webhook():
-    """Record what changed and queue a round; answers in milliseconds. The payload is only a hint: the
+    """Record what changed and start a training session unless one runs (it takes the change in); answers in milliseconds. The payload is only a hint: the
     worker reads annotations from Label Studio, so a forged webhook cannot inject training data."""
     body = json_body()
     action = body.get("action")
@@ -158,7 +158,7 @@ def rollback(project):
 
 @bp.post("/projects/<project>/train")
 def train(project):
-    """On demand: full sync from Label Studio, then a round (coalesced like webhooks)."""
+    """On demand: full sync from Label Studio, then a session (coalesced like webhooks)."""
     project = project_id(project)
     try:
         queued = enqueue_training(state().redis, project, full=True)
@@ -206,7 +206,7 @@ def job(job_id):
 
 @bp.get("/status")
 def status():
-    """Per project: state, active version, labeled/trained images, last round, last error, progress."""
+    """Per project: state, active version, labeled/trained images, the session (running or last), live quality, last error."""
     try:
         projects = {p: ProjectState(state().redis, p).status() for p in known_projects(state().redis)}
     except redis.RedisError as exc:

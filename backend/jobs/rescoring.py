@@ -10,16 +10,17 @@ first batch is written (so the label stream serves the most uncertain of the fre
 * Most useful first: tasks never scored, then those whose newest previous score is lowest; RESCORE_LIMIT
   caps how many tasks carry the version (0 = all). A task that already has this version's prediction is
   done and never written twice, so a job that stops can simply be queued again.
-* Between batches the job stops when a newer version is active (superseded: that version's job takes
-  over), and yields to a pending training round of the project (it queues itself again behind it: rounds
-  keep their freshness even with a single worker).
+* A per-version budget: with a training session publishing a version every few seconds, a job scores the
+  most useful tasks first until a newer version supersedes it (checked between batches: that version's
+  own job takes over) or RESCORE_LIMIT is reached. It runs on a worker of its own (RESCORE_NICE,
+  RESCORE_THREADS; ``backend/jobs/workers.py``), so it makes progress while a session trains.
 * Label Studio down or slow: the job queues itself again after a delay (RETRY_DELAYS), then fails with
   Label Studio's error in the project status. Training never waits for it: the enqueue after a round is
   wrapped so that no failure here can fail the round.
 
 ``complete_tasks`` (``POST /projects/<id>/complete``, ``livetrain complete``) is the same code path over
 all or selected tasks with its own min score / max detections, optionally removing the tasks' existing
-predictions first and skipping annotated tasks. Both run on the low-priority rescore queue.
+predictions first and skipping annotated tasks. Both run on the rescore queue.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from backend.inference.predictor import BASE_VERSION, RAW_SCORE_FLOOR, LoadedMod
 from backend.jobs.connection import connect
 from backend.jobs.queue import rescore_queue
 from backend.jobs.state import ProjectState
-from backend.jobs.training import ls_credentials
+from backend.jobs.state import ls_credentials
 from backend.labelstudio.client import LabelStudioClient, LabelStudioError, LabelStudioUnavailable
 from backend.labelstudio.images import ImageFetcher
 from backend.labelstudio.label_config import parse_label_config
@@ -197,7 +198,8 @@ class Run:
 def score_and_write(run: Run, client: LabelStudioClient, predictor: Predictor, loaded: LoadedModel, control,
                     tasks: list[dict], batch: int, *, threshold=None, max_detections=None,
                     delete: Callable[[dict], bool] = lambda p: False,
-                    stop: Callable[[], str | None] = lambda: None) -> str | None:
+                    stop: Callable[[], str | None] = lambda: None,
+                    may_move: Callable[[], bool] | None = None) -> str | None:
     """Score ``tasks`` in batches, write one prediction per task, delete the tasks' predictions for which
     ``delete`` holds, move the project's model_version after the first write. Returns why it stopped early
     (``stop()``'s answer, checked between batches) or None when it went through every task."""
@@ -218,7 +220,7 @@ def score_and_write(run: Run, client: LabelStudioClient, predictor: Predictor, l
                            "model_version": loaded.version})
         run.written += _write(client, run.project, writes)
         if writes and not run.moved:
-            if stop() == "superseded":  # another worker's job for a newer version may have moved it already
+            if not (may_move() if may_move else stop() != "superseded"):  # a newer version's job moved it already
                 return "superseded"
             client.set_model_version(run.project, loaded.version)
             run.moved = True
@@ -296,11 +298,10 @@ def rescore_project(project: str, attempt: int = 0) -> dict:
         return run.report("done", reason="no published version yet")
 
     def stop() -> str | None:
-        if store.active() != version:
-            return "superseded"
-        if connection.exists(state.pending_key):  # a training round waits: let it run first, continue after
-            return "yielded"
-        return None
+        return "superseded" if store.active() != version else None
+
+    def may_move() -> bool:  # superseded or not: never backwards, and always to the active version
+        return state.claim_model_version(version, active=store.active() == version)
 
     try:
         client, control, loaded, predictor = _setup(settings, connection, project, version)
@@ -311,18 +312,17 @@ def rescore_project(project: str, attempt: int = 0) -> dict:
         reason = score_and_write(run, client, predictor, loaded, control, tasks, settings.rescore_batch,
                                  delete=lambda p: delete_old and p.get("model_version") != version
                                  and is_livetrain_version(p.get("model_version"), prefix),
-                                 stop=stop)
+                                 stop=stop, may_move=may_move)
         # Nothing needed scoring: the project must still point here. Label Studio refuses a model_version that
         # none of its predictions carries (400 "Model version doesn't exist..."), e.g. when every task is labeled.
-        if reason is None and not run.moved and any(has_version(t, version) for t in unlabeled):
+        if (reason is None and not run.moved and any(has_version(t, version) for t in unlabeled)
+                and may_move()):
             client.set_model_version(project, version)
     except LabelStudioUnavailable as exc:
         return _retry_or_fail(run, exc, attempt, lambda delay: enqueue_rescore(connection, project, attempt + 1, delay))
     except Exception as exc:
         run.report("error", error=exc.message if isinstance(exc, LivetrainError) else f"{type(exc).__name__}: {exc}")
         raise
-    if reason == "yielded":
-        enqueue_rescore(connection, project)
     log.info("project %s: re-scored %d/%d task(s) with %s (%d written, %d old deleted, %d failed)%s", project,
              run.done, run.total, version, run.written, run.deleted, run.failed, f"; {reason}" if reason else "")
     return run.report(reason or "done")

@@ -1,7 +1,7 @@
 """Per-project state shared by web processes and workers, in Redis.
 
-Webhooks only *mark* what changed (task ids, deleted annotation ids) and ask for a round; the worker
-pops the marks and reads the real data from Label Studio. Status is a hash the /status route reads.
+Webhooks only *mark* what changed (task ids, deleted annotation ids) and ask for a session; the
+session pops the marks and reads the real data from Label Studio. Status is a hash the /status route reads.
 """
 
 from __future__ import annotations
@@ -11,8 +11,18 @@ import time
 
 import redis
 
+from backend.errors import LivetrainError
+
 PREFIX = "livetrain"
 PROJECTS = f"{PREFIX}:projects"
+# KEYS: the moved-version key; ARGV: the version's number, 1 if it is the active version. Sets it when newer
+# (or equal: a retried job), or when active.
+_CLAIM_VERSION = """
+local moved = tonumber(redis.call('GET', KEYS[1]) or '-1')
+if ARGV[2] == '1' or tonumber(ARGV[1]) >= moved then redis.call('SET', KEYS[1], ARGV[1]) return 1 end
+return 0
+"""
+QUALITY_WINDOW = 10  # images in the rolling mean of the live quality score that /status reports
 LS_FALLBACK = f"{PREFIX}:ls-fallback"  # hostname + access_token from /setup, for workers without LABEL_STUDIO_*
 
 
@@ -25,6 +35,8 @@ class ProjectState:
         self.pending_key, self.full_key = f"{key}:pending", f"{key}:full"
         self.status_key, self.lock_key = f"{key}:status", f"{key}:lock"
         self.rescore_pending_key = f"{key}:rescore-pending"
+        self.moved_version_key = f"{key}:ls-model-version"  # number of the version re-scoring moved LS to
+        self.quality_key = f"{key}:quality"  # the live quality series: one JSON entry per newly labeled image
 
     def mark(self, tasks=(), deleted_annotations=(), full: bool = False, pipe=None) -> None:
         """Record what changed; with ``pipe``, only add the commands to it (the caller executes)."""
@@ -48,17 +60,42 @@ class ProjectState:
         dirty, deleted, full, _ = pipe.execute()
         return {int(t) for t in dirty}, {int(a) for a in deleted}, bool(full)
 
+    def has_marks(self) -> bool:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.exists(self.dirty_key, self.deleted_key, self.full_key)
+        return bool(pipe.execute()[0])
+
     def restore_marks(self, dirty: set[int], deleted: set[int], full: bool) -> None:
-        """Put marks back after a failed sync, so the next round sees them."""
+        """Put marks back after a failed sync, so the next sync sees them."""
         self.mark(dirty, deleted, full)
 
     def set_status(self, **fields) -> None:
         fields["updated_at"] = time.time()
         self.r.hset(self.status_key, mapping={k: json.dumps(v) for k, v in fields.items()})
 
+    def claim_model_version(self, version: str, active: bool = False) -> bool:
+        """Whether a re-scoring job may move Label Studio's model_version to ``version``: yes unless a job
+        already moved it to a newer one (versions are ``<prefix>-v<N>``). With a version every few seconds a
+        job is often superseded before its first batch is written; moving to it anyway keeps the label
+        stream on fresh scores, and this keeps two jobs from moving it backwards. The ``active`` version
+        (e.g. after a rollback to an older one) may always be moved to."""
+        return bool(self.r.eval(_CLAIM_VERSION, 1, self.moved_version_key, version_number(version), int(active)))
+
+    def add_quality(self, entry: dict) -> None:
+        """Append one image's live quality score (image index, time, version, score, category counts)."""
+        self.r.rpush(self.quality_key, json.dumps(entry))
+
+    def quality_series(self, last: int = 0) -> list[dict]:
+        return [json.loads(e) for e in self.r.lrange(self.quality_key, -last if last else 0, -1)]
+
     def status(self) -> dict:
         raw = self.r.hgetall(self.status_key)
         status = {k.decode(): json.loads(v) for k, v in raw.items()}
+        window = self.quality_series(QUALITY_WINDOW)
+        if window:
+            status["quality"] = {"images": self.r.llen(self.quality_key), "window": len(window),
+                                 "rolling_mean": round(sum(e["score"] for e in window) / len(window), 4),
+                                 "last": window[-1]}
         if self.r.exists(self.pending_key) and status.get("state") != "training":
             status["state"] = "queued"
         status.setdefault("state", "idle")
@@ -77,3 +114,19 @@ def save_ls_fallback(connection: redis.Redis, hostname: str | None, access_token
 def load_ls_fallback(connection: redis.Redis) -> tuple[str, str]:
     raw = connection.hgetall(LS_FALLBACK)
     return raw.get(b"hostname", b"").decode(), raw.get(b"access_token", b"").decode()
+
+
+def ls_credentials(settings, connection: redis.Redis) -> tuple[str, str]:
+    """LABEL_STUDIO_URL / _API_KEY, else what Label Studio's /setup call told the web process."""
+    hostname, token = load_ls_fallback(connection)
+    url, key = settings.label_studio_url or hostname, settings.label_studio_api_key or token
+    if url and key:
+        return url, key
+    raise LivetrainError("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY for the worker (or connect the model in "
+                         "Label Studio first, whose /setup call tells livetrain where Label Studio is)")
+
+
+def version_number(version: str) -> int:
+    """N of ``<prefix>-v<N>``; 0 for anything else (``livetrain-base``)."""
+    head, _, number = version.rpartition("-v")
+    return int(number) if head and number.isdigit() else 0

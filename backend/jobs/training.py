@@ -1,8 +1,16 @@
-"""The training job: sync from Label Studio, then train one round and publish a version.
+"""The training job: a **session** per project that keeps the model in memory and trains while people annotate.
 
-Coalescing: per project at most one job is pending (a Redis key set with NX holds its id) and at most one
-runs (a Redis lock with a TTL that the running job keeps renewing; a killed worker's lock simply expires).
-A job clears the pending key when it starts, so events that arrive during a round queue exactly one more.
+A webhook only marks what changed (``ProjectState.mark``) and queues a session unless one is pending or
+running: per project at most one job is pending (a Redis key set with NX holds its id; the check and the
+set are one Lua call) and at most one runs (a Redis lock with a TTL that the running job keeps renewing; a
+killed worker's lock simply expires). A running session takes in the marks between steps (``sync_marked``),
+so a submit enters training within a second or two; it publishes a version every PUBLISH_INTERVAL while it
+trained on something new, ends when the project is idle (decay tail, final version) and frees the worker.
+After it lets go of the lock it looks for marks once more, so a submit that raced its end starts the next.
+
+Fair share: when another project's session waits in the queue and this one ran SESSION_SLICE seconds, it
+publishes, checkpoints, queues itself behind and exits. A killed worker loses the steps since the last
+checkpoint (CHECKPOINT_EVERY); the next session resumes from it (``TrainingSession.resume``).
 """
 
 from __future__ import annotations
@@ -19,8 +27,9 @@ from rq import get_current_job
 from backend.errors import BadRequest, LivetrainError
 from backend.jobs.connection import connect
 from backend.jobs.queue import job_queue
-from backend.jobs.state import ProjectState, load_ls_fallback
-from backend.jobs.sync import sync_project
+from backend.jobs.rescoring import rescore_after_publish
+from backend.jobs.state import ProjectState, ls_credentials
+from backend.jobs.sync import sync_marked, sync_project
 from backend.labelstudio.client import LabelStudioClient, LabelStudioUnavailable
 from backend.labelstudio.images import ImageFetcher
 from backend.labelstudio.label_config import parse_label_config
@@ -29,22 +38,34 @@ from backend.model_store.versions import VersionStore
 from backend.model_store.weights import StartingWeightsByTask
 from backend.settings import Settings
 from backend.training.dataset import TrainingSet
-from backend.training.engine import Hook, TrainState
-from backend.training.round import RoundInputs, run_round
+from backend.training.session import SessionInputs, TrainingSession
 
 log = logging.getLogger(__name__)
 
-JOB_TIMEOUT = 6 * 3600
+JOB_TIMEOUT = 24 * 3600  # a session of a busy project may run for hours (fair share pauses it when others wait)
+POLL_SECONDS = 1.0  # how often a session looks for marks (one Redis call)
+STATUS_SECONDS = 2.0  # how often it reports progress and checks the queue for other projects
+RETRY_SECONDS = 10.0  # after Label Studio failed a sync, the session trains on and tries again this much later
+
+# Set the pending key unless a session holds the project's lock (then it takes the marks in itself) or a
+# job is pending already. KEYS: lock, pending; ARGV: job id, ttl, force (ignore the lock).
+_CLAIM = """
+if ARGV[3] == '0' and redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[2]) then return 1 end
+return 0
+"""
 
 
-def enqueue_training(connection: redis.Redis, project: str, full: bool = False, tasks=(), deleted=()) -> str | None:
-    """Record the changed ``tasks`` / ``deleted`` annotations and queue a round for ``project`` unless one is
-    already pending, in one Redis round trip (this is the webhook's hot path); returns the new job id or None."""
+def enqueue_training(connection: redis.Redis, project: str, full: bool = False, tasks=(), deleted=(),
+                     force: bool = False) -> str | None:
+    """Record the changed ``tasks`` / ``deleted`` annotations and queue a session for ``project`` unless one
+    is pending or running, in one Redis round trip (this is the webhook's hot path); returns the new job id
+    or None. ``force``: queue even while a session runs (it is about to exit: fair share, worker start)."""
     state = ProjectState(connection, project)
     job_id = f"train-{project}-{uuid.uuid4().hex[:12]}"
     pipe = connection.pipeline(transaction=False)
     state.mark(tasks, deleted, full, pipe=pipe)
-    pipe.set(state.pending_key, job_id, nx=True, ex=24 * 3600)
+    pipe.eval(_CLAIM, 2, state.lock_key, state.pending_key, job_id, 24 * 3600, int(force))
     if not pipe.execute()[-1]:
         return None
     try:
@@ -80,107 +101,211 @@ class _LockKeeper:
                 log.exception("could not renew the project lock")
 
 
-class _Progress(Hook):
-    def __init__(self, state: ProjectState, every: int = 5):
-        self.state, self.every, self.job = state, every, get_current_job()
-
-    def after_step(self, s: TrainState) -> None:
-        if s.step % self.every and s.step != s.total_steps:
-            return
-        progress = {"step": s.step, "steps": s.total_steps, "loss": round(s.last_losses.get("loss", 0.0), 4)}
-        self.state.set_status(progress=progress)
-        if self.job is not None:
-            self.job.meta["progress"] = progress
-            self.job.save_meta()
-
-
-def ls_credentials(settings: Settings, connection: redis.Redis) -> tuple[str, str]:
-    """LABEL_STUDIO_URL / _API_KEY, else what Label Studio's /setup call told the web process."""
-    hostname, token = load_ls_fallback(connection)
-    url, key = settings.label_studio_url or hostname, settings.label_studio_api_key or token
-    if url and key:
-        return url, key
-    raise LivetrainError("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY for the worker (or connect the model in "
-                         "Label Studio first, whose /setup call tells livetrain where Label Studio is)")
-
-
 def train_project(project: str) -> dict:
-    """The RQ job. Returns a short report; raises (job failed, status 'error') when the round fails."""
+    """The RQ job: one training session. Returns a short report; raises (job failed, status 'error') when
+    the session fails."""
     settings = Settings.from_env()
     connection = connect(settings)
     state = ProjectState(connection, project)
-    state.set_status(state="syncing", progress=None)  # before the pending key goes: never looks idle meanwhile
     this_job = get_current_job()
+    # thread_local=False: the keeper thread must be able to extend the lock this thread took. A live session
+    # renews its lock; a dead one's expires within LOCK_TTL: waiting a little longer tells the two apart.
+    lock = connection.lock(state.lock_key, timeout=settings.lock_ttl, blocking_timeout=2 * settings.lock_ttl + 5,
+                           thread_local=False)
+    acquired = lock.acquire()
     if this_job is not None and connection.get(state.pending_key) == this_job.id.encode():
-        connection.delete(state.pending_key)
-    # thread_local=False: the keeper thread must be able to extend the lock this thread took
-    lock = connection.lock(state.lock_key, timeout=settings.lock_ttl, blocking_timeout=JOB_TIMEOUT, thread_local=False)
-    if not lock.acquire():
-        raise LivetrainError(f"project {project} stayed locked by another worker for {JOB_TIMEOUT} s")
+        connection.delete(state.pending_key)  # only now: until here a webhook sees a job pending
+    if not acquired:  # another session runs for this project: it takes the marks in
+        return {"published": None, "reason": "another session of this project is running"}
+    report: dict = {}
     try:
+        state.set_status(state="syncing")
         with _LockKeeper(lock, settings.lock_ttl):
-            return _train_locked(settings, connection, state, project)
+            report = _train_locked(settings, connection, state, project)
     except Exception as exc:
         message = exc.message if isinstance(exc, LivetrainError) else f"{type(exc).__name__}: {exc}"
         state.set_status(state="error", last_error=message, progress=None)
-        log.error("project %s: round failed: %s\n%s", project, message, traceback.format_exc())
+        log.error("project %s: session failed: %s\n%s", project, message, traceback.format_exc())
         raise
     finally:
         try:
             lock.release()
         except Exception:  # expired meanwhile: nothing to release
             pass
+    if report.get("end") not in ("slice", "rolled back") and state.has_marks():  # a submit that came as the session ended
+        enqueue_training(connection, project)
+    return report
+
+
+class _Feed:
+    """The session's view of Label Studio: the first sync, then the marked tasks between steps."""
+
+    def __init__(self, settings: Settings, connection: redis.Redis, state: ProjectState, project: str):
+        self.settings, self.state, self.project = settings, state, project
+        self.training_set = TrainingSet(settings.model_dir, project)
+        self.fetcher = ImageFetcher(settings)
+        self.connection = connection
+        self.client = None
+        self.control = None
+        self.title = state.status().get("title") or f"project-{project}"
+        self.retry_at = 0.0
+
+    def first_sync(self) -> None:
+        dirty, deleted, full = self.state.pop_marks()
+        try:
+            url, key = ls_credentials(self.settings, self.connection)
+            self.fetcher.set_fallback(url, key)
+            self.client = LabelStudioClient(url, key)
+            info = self.client.project(self.project)
+            self.control = parse_label_config(info["label_config"]).primary
+            self.title = info.get("title") or self.title
+            sync_project(self.client, self.project, self.control, self.training_set, dirty, deleted, full)
+        except LabelStudioUnavailable as exc:
+            # Label Studio down: keep the marks for later and train on what was synced before, if anything
+            self.state.restore_marks(dirty, deleted, full)
+            if self.training_set.synced_at is None:
+                raise
+            log.warning("project %s: %s; training on the last synced data", self.project, exc.message)
+            self.retry_at = time.monotonic() + RETRY_SECONDS
+
+    def poll(self) -> bool:
+        """Take in what webhooks marked since the last look; True when the training set may have changed."""
+        if time.monotonic() < self.retry_at or not self.state.has_marks():
+            return False
+        dirty, deleted, full = self.state.pop_marks()
+        try:
+            if self.client is None or self.control is None:
+                self.state.restore_marks(dirty, deleted, full)
+                self.first_sync()
+            elif full:
+                sync_project(self.client, self.project, self.control, self.training_set, dirty, deleted, True)
+            else:
+                sync_marked(self.client, self.project, self.control, self.training_set, dirty, deleted)
+        except LabelStudioUnavailable as exc:
+            self.state.restore_marks(dirty, deleted, full)
+            log.warning("project %s: %s; trying again in %.0f s", self.project, exc.message, RETRY_SECONDS)
+            self.retry_at = time.monotonic() + RETRY_SECONDS
+            return False
+        return True
 
 
 def _train_locked(settings: Settings, connection: redis.Redis, state: ProjectState, project: str) -> dict:
-    training_set = TrainingSet(settings.model_dir, project)
-    fetcher = ImageFetcher(settings)
-    dirty, deleted, full = state.pop_marks()
-    try:
-        url, key = ls_credentials(settings, connection)
-        fetcher.set_fallback(url, key)
-        client = LabelStudioClient(url, key)
-        info = client.project(project)
-        control = parse_label_config(info["label_config"]).primary
-        title = info.get("title") or f"project-{project}"
-        sync_project(client, project, control, training_set, dirty, deleted, full)
-    except LabelStudioUnavailable as exc:
-        # Label Studio down: keep the marks for next time and train on what was synced before, if anything.
-        state.restore_marks(dirty, deleted, full)
-        if training_set.synced_at is None:
-            raise
-        log.warning("project %s: %s; training on the last synced data", project, exc.message)
-        control, title = None, state.status().get("title") or f"project-{project}"
+    feed = _Feed(settings, connection, state, project)
+    feed.first_sync()
+    training_set = feed.training_set
     records = training_set.ordered()
     store = VersionStore(settings.model_dir, project)
     active = store.active()
-    state.set_status(labeled_images=len(records), active_version=active, title=title)
+    state.set_status(labeled_images=len(records), active_version=active, title=feed.title)
     if len(records) < settings.min_annotations:
-        state.set_status(state="idle", waiting=f"{len(records)}/{settings.min_annotations} labeled images before the first round")
+        state.set_status(state="idle", waiting=f"{len(records)}/{settings.min_annotations} labeled images before the first version")
         return {"published": None, "labeled_images": len(records)}
-    task = control.task if control is not None else training_set.task
+    task = feed.control.task if feed.control is not None else training_set.task
     active_meta = store.meta(active) if active else {}
     same_kind = active is not None and version_task(active_meta) == task
     trained = active_meta.get("trained_annotations", {}) if same_kind else {}
-    if trained == {str(r.task_id): r.updated_at for r in records}:
+    checkpoint = store.root / "checkpoints" / "session.pt"
+    if trained == {str(r.task_id): r.updated_at for r in records} and not checkpoint.exists():
         state.set_status(state="idle", waiting=None)
         return {"published": None, "reason": "nothing changed since " + active}
     # Label Studio down: the labels are those of the active version plus any the synced annotations use
-    labels = control.labels if control is not None else tuple(dict.fromkeys(
+    labels = feed.control.labels if feed.control is not None else tuple(dict.fromkeys(
         [*active_meta.get("classes", []), *(label for r in records for label in r.labels)]))
-    starting = StartingWeightsByTask(settings)(task)
-    state.set_status(state="training", waiting=None, progress={"step": 0, "steps": settings.train_steps})
-    meta = run_round(settings, starting, fetcher, RoundInputs(project, title, labels, records, task),
-                     pick_device(settings.device), hooks=[_Progress(state)])
-    last_round = {k: meta[k] for k in ("name", "parent", "images", "new_images", "annotations", "mode", "steps",
-                                       "losses", "duration_s", "published_at")}
-    state.set_status(state="idle", active_version=meta["name"], trained_images=meta["images"], last_round=last_round,
-                     last_error=None, progress=None)
-    if settings.rescore_on_publish:  # fresh scores for Label Studio's uncertainty sampling; never fails the round
-        from backend.jobs.rescoring import rescore_after_publish  # here: rescoring imports this module
+    session = TrainingSession(settings, StartingWeightsByTask(settings)(task), feed.fetcher,
+                              SessionInputs(project, feed.title, labels, task), pick_device(settings.device),
+                              seed=len(store.names()))
+    session.update(records)
+    if session.resume():
+        log.info("project %s: resuming the interrupted session (%d steps, %d total)", project, session.steps,
+                 session.total_steps)
+    _score_new(session, state, records)
+    return _run(settings, connection, state, project, feed, session)
 
-        rescore_after_publish(connection, project)
-    return {"published": meta["name"], "images": meta["images"], "duration_s": meta["duration_s"]}
+
+def _score_new(session: TrainingSession, state: ProjectState, records) -> None:
+    """The live quality score of each image the model never trained on, by the version served when it
+    arrived, before it trains on it (see backend/metrics/quality.py); /status reports its rolling mean."""
+    for entry in session.score_new(records):
+        state.add_quality(entry)
+
+
+def _other_project_waits(connection: redis.Redis, project: str) -> bool:
+    return any(not job_id.startswith(f"train-{project}-") for job_id in job_queue(connection).get_job_ids())
+
+
+def _run(settings: Settings, connection: redis.Redis, state: ProjectState, project: str, feed: _Feed,
+         session: TrainingSession) -> dict:
+    job = get_current_job()
+    started = last_activity = last_publish = last_status = time.monotonic()
+    last_poll = 0.0
+    checkpointed = session.steps
+    end = None
+    state.set_status(state="training", waiting=None, session=session.status(), last_error=None)
+    while end is None:
+        now = time.monotonic()
+        if now - last_poll >= POLL_SECONDS:
+            last_poll = now
+            if feed.poll():
+                records = feed.training_set.ordered()
+                changed = session.update(records)
+                _score_new(session, state, changed)
+                if changed or len(records) != len(session.sampler.records):
+                    last_activity = now
+                if session.decay_at is not None and changed:  # new work: back to the constant rate
+                    session.decay_at = None
+                state.set_status(labeled_images=len(records))
+                if len(records) < settings.min_annotations:
+                    end = "too few images"
+                    break
+        if now - last_status >= STATUS_SECONDS:
+            last_status = now
+            state.set_status(session=session.status())
+            if job is not None:
+                job.meta["progress"] = session.status()
+                job.save_meta()
+            if session.store.active() != (session.versions[-1] if session.versions else session.parent):
+                end = "rolled back"  # someone chose another version: train on from that one, in a new session
+                break
+            if now - started >= settings.session_slice and _other_project_waits(connection, project):
+                end = "slice"
+                break
+        if session.decay_at is None and now - last_activity >= settings.idle_after and session.settled():
+            log.info("project %s: idle; decaying the learning rate over %d steps", project, session.start_decay())
+        session.step()
+        if session.decay_done():
+            end = "idle"
+        if session.steps - checkpointed >= settings.checkpoint_every:
+            session.checkpoint()
+            checkpointed = session.steps
+        if session.has_new() and time.monotonic() - last_publish >= settings.publish_interval:
+            _publish(settings, connection, state, session)
+            last_publish = time.monotonic()
+    if end == "rolled back":
+        session.clear_checkpoint()
+        enqueue_training(connection, project, force=True)
+    elif session.loss_steps or session.has_new():
+        _publish(settings, connection, state, session)
+    if end == "slice":  # let the waiting project train; continue from here afterwards
+        session.checkpoint()
+        enqueue_training(connection, project, force=True)
+    elif end != "rolled back":
+        session.clear_checkpoint()
+    final = dict(session.status(), ended_at=time.time(), end_reason=end)
+    state.set_status(state="idle", session=None, last_session=final, progress=None)
+    log.info("project %s: session ended (%s) after %d steps, %d version(s)", project, end, session.steps,
+             len(session.versions))
+    return {"published": session.versions[-1] if session.versions else None, "versions": session.versions,
+            "steps": session.steps, "end": end}
+
+
+def _publish(settings: Settings, connection: redis.Redis, state: ProjectState, session: TrainingSession) -> None:
+    name = session.publish()
+    meta = session.store.meta(name)
+    state.set_status(active_version=name, trained_images=meta["images"], last_error=None,
+                     last_version={k: meta.get(k) for k in ("name", "parent", "images", "new_images", "annotations",
+                                                             "mode", "steps", "total_steps", "losses", "published_at")})
+    if settings.rescore_on_publish:  # fresh scores for Label Studio's uncertainty sampling; never fails training
+        rescore_after_publish(connection, project=session.inputs.project)
 
 
 def rollback_to(settings: Settings, project: str, version: str) -> None:
@@ -194,18 +319,20 @@ def rollback_to(settings: Settings, project: str, version: str) -> None:
             raise BadRequest(f"version {version} predicts {kind}, but project {project} now labels "
                              f"{training_set.task}; roll back to a {training_set.task} version")
     store.set_active(version)
+    # a paused or killed session's checkpoint continues the version it replaced: the next session starts here
+    (store.root / "checkpoints" / "session.pt").unlink(missing_ok=True)
 
 
 def queue_known_projects(settings: Settings, connection: redis.Redis) -> list[str]:
-    """On worker start: a full sync + round for every project this MODEL_DIR knows (catch-up after downtime)."""
+    """On worker start: a full sync + session for every project this MODEL_DIR knows (catch-up after downtime)."""
     projects = sorted(p.name for p in settings.model_dir.glob("*") if (p / "dataset.json").is_file())
-    for project in projects:
-        enqueue_training(connection, project, full=True)
+    for project in projects:  # force: a killed worker's lock may linger for LOCK_TTL; the job waits it out
+        enqueue_training(connection, project, full=True, force=True)
     return projects
 
 
 def wait_for_idle(connection: redis.Redis, project: str, timeout: float = 600.0) -> dict:
-    """Block until the project has no pending or running round (used by the CLI and benchmarks)."""
+    """Block until the project has no pending or running session (used by the CLI and benchmarks)."""
     state = ProjectState(connection, project)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

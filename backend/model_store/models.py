@@ -59,7 +59,7 @@ def extend_classes(model: nn.Module, old: int, new: int) -> None:
 
 def model_for_round(starting: StartingWeights, parent: tuple[dict, dict] | None, classes: tuple[str, ...],
                     min_size: int = 0) -> nn.Module:
-    """The model a round starts from: the parent version (its head grown to ``classes``), else the
+    """The model a session starts from: the parent version (its head grown to ``classes``), else the
     starting weights with a new head. ``classes`` must begin with the parent's classes, in order."""
     if parent is None:
         return starting.build(len(classes) + 1, **size_kwargs(min_size))

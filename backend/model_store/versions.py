@@ -23,6 +23,7 @@ import torch
 
 from backend.errors import BadRequest
 
+BASE_VERSION = "livetrain-base"  # the starting weights, before the first version is published
 _NAME = re.compile(r"^(?P<prefix>.+)-v(?P<n>\d+)$")
 
 

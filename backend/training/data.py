@@ -1,11 +1,8 @@
-"""Training examples from Label Studio annotations, and the replay sampler of a round."""
+"""Training examples from Label Studio annotations, and the in-memory cache a session keeps of them."""
 
 from __future__ import annotations
 
 import logging
-import random
-from typing import Iterator
-
 import numpy as np
 import torch
 
@@ -13,7 +10,7 @@ from backend.errors import LivetrainError
 from backend.labelstudio.convert import image_to_tensor, region_mask, shrink
 from backend.labelstudio.annotations import LabeledImage, box_to_pixels
 from backend.labelstudio.images import ImageFetcher
-from backend.training.transforms import augment, drop_degenerate
+from backend.training.transforms import drop_degenerate
 
 log = logging.getLogger(__name__)
 
@@ -61,31 +58,27 @@ def mask_target(record: LabeledImage, labels: list[int], width: int, height: int
             "labels": torch.tensor(kept, dtype=torch.int64), "masks": stacked}
 
 
-def replay_batches(records: list[LabeledImage], new_ids: set[int], fetcher: ImageFetcher, classes: tuple[str, ...],
-                   batch_size: int, new_fraction: float, seed: int = 0, task: str = "boxes",
-                   limit: tuple[int, int] | None = None) -> Iterator[tuple[list, list]]:
-    """Endless augmented batches. Each sample comes from the images added since the last version with
-    probability ``new_fraction`` (so new corrections are learned quickly), otherwise from all images
-    (replay, so earlier images and classes are not forgotten). Images that fail to load are skipped."""
-    rng = random.Random(seed)
-    new = [r for r in records if r.task_id in new_ids]
-    broken: set[int] = set()
-    while True:
-        images, targets = [], []
-        while len(images) < batch_size:
-            usable = [r for r in records if r.task_id not in broken]
-            if not usable:
-                raise LivetrainError("no training image could be loaded (see the worker log for each reason)")
-            fresh = [r for r in new if r.task_id not in broken]
-            pool = fresh if fresh and rng.random() < new_fraction else usable
-            record = rng.choice(pool)
-            try:
-                image, target = load_example(record, fetcher, classes, task, limit)
-            except LivetrainError as exc:
-                log.warning("task %s left out of training: %s", record.task_id, exc.message)
-                broken.add(record.task_id)
-                continue
-            image, target = augment(image, target)
-            images.append(image)
-            targets.append(target)
-        yield images, targets
+class ExampleCache:
+    """Decoded, shrunk training examples kept in memory for a session: each image is fetched and decoded
+    once, not at every draw. Images are kept as uint8 (4x smaller than float); the key holds the annotation's
+    ``updated_at`` and the classes, so a correction or a new label is loaded afresh."""
+
+    def __init__(self, fetcher: ImageFetcher, task: str, limit: tuple[int, int] | None, max_images: int = 2000):
+        self.fetcher, self.task, self.limit, self.max_images = fetcher, task, limit, max_images
+        self._examples: dict[tuple, tuple[torch.Tensor, dict]] = {}
+
+    def load(self, record: LabeledImage, classes: tuple[str, ...]) -> tuple[torch.Tensor, dict]:
+        key = (record.task_id, record.updated_at, classes)
+        cached = self._examples.get(key)
+        if cached is None:
+            image, target = load_example(record, self.fetcher, classes, self.task, self.limit)
+            cached = (image.mul(255.0).round_().to(torch.uint8), target)
+            if len(self._examples) >= self.max_images:
+                self._examples.pop(next(iter(self._examples)))  # oldest first
+            self._examples[key] = cached
+        image, target = cached
+        return image.float().div_(255.0), target
+
+    def forget(self, task_id: int) -> None:
+        for key in [k for k in self._examples if k[0] == task_id]:
+            del self._examples[key]

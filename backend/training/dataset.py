@@ -1,7 +1,7 @@
 """The project's training set as last synced from Label Studio: ``MODEL_DIR/<project>/dataset.json``.
 
 Label Studio stays the source of truth; this file only remembers what the last sync saw, so a sync can be
-incremental and a round can start while Label Studio is briefly unreachable.
+incremental and a session can start while Label Studio is briefly unreachable.
 """
 
 from __future__ import annotations

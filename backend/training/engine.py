@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or inf: the round is aborted and nothing is published."""
+    """The loss became NaN or inf: the session ends and nothing more is published."""
 
 
 class Hook:
@@ -58,6 +58,22 @@ def sgd(model: torch.nn.Module, lr: float, momentum: float = 0.9, weight_decay: 
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: list, targets: list,
+               device: torch.device, clip_grad: float = 10.0) -> dict:
+    """One SGD step on one batch (model in train mode); returns the losses as floats (``loss`` = their sum)."""
+    images = [image.to(device) for image in images]
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+    loss_dict = model(images, targets)
+    loss = sum(loss_dict.values())
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f"loss is {loss.item()} ({ {k: v.item() for k, v in loss_dict.items()} })")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip_grad)
+    optimizer.step()
+    return {k: v.item() for k, v in loss_dict.items()} | {"loss": loss.item()}
+
+
 def train_steps(state: TrainState, batches: Iterator[tuple[list, list]], device: torch.device,
                 hooks: list[Hook] = (), clip_grad: float = 10.0) -> TrainState:
     """Run ``state.total_steps - state.step`` steps, taking one (images, targets) batch per step."""
@@ -67,22 +83,15 @@ def train_steps(state: TrainState, batches: Iterator[tuple[list, list]], device:
         hook.before_train(state)
     while state.step < state.total_steps:
         images, targets = next(batches)
-        images = [image.to(device) for image in images]
-        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
         for hook in hooks:
             hook.before_step(state)
-        loss_dict = model(images, targets)
-        loss = sum(loss_dict.values())
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"loss is {loss.item()} at step {state.step} ({ {k: v.item() for k, v in loss_dict.items()} })")
-        state.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip_grad)
-        state.optimizer.step()
+        try:
+            state.last_losses = train_step(model, state.optimizer, images, targets, device, clip_grad)
+        except NonFiniteLoss as exc:
+            raise NonFiniteLoss(f"{exc} at step {state.step}") from None
         state.scheduler.step()
         state.step += 1
         state.images_seen += len(images)
-        state.last_losses = {k: v.item() for k, v in loss_dict.items()} | {"loss": loss.item()}
         for k, v in state.last_losses.items():
             state.loss_sum[k] = state.loss_sum.get(k, 0.0) + v
         for hook in hooks:

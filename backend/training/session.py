@@ -1,0 +1,355 @@
+"""A training session: one project's model and optimizer kept in memory, trained continuously while
+annotations arrive, publishing versions as it goes.
+
+The job around it (``backend.jobs.training``) feeds it the training set after each sync (``update``),
+calls ``step`` in a loop, ``publish`` every PUBLISH_INTERVAL while it trained on something new, and
+``finish`` (the decay tail and the final version) when the project is idle. ``checkpoint`` / ``resume``
+let a killed worker lose only the steps since the last checkpoint.
+
+Learning-rate schedule of an open-ended session (``lr_factor``): a linear warm-up over WARMUP_STEPS
+(from 10%), then the constant LEARNING_RATE for as long as annotations keep coming (a cosine would decay
+towards zero long before the project is done, and the newest images would be learned with a tiny rate),
+then a cosine tail to 1% over max(DECAY_STEPS, a tenth of the session's steps) before the final version:
+the consolidation that makes the boxes as tight as an offline run's. When the backbone joins at
+FULL_AFTER images the optimizer is rebuilt with it and the warm-up runs again (the new parameters start
+without momentum, and a full LEARNING_RATE step on a cold backbone would undo its pretraining).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from backend.errors import LivetrainError
+from backend.labelstudio.annotations import LabeledImage
+from backend.labelstudio.images import ImageFetcher
+from backend.metrics.quality import Quality
+from backend.model_store.models import model_for_round, model_from_version, version_task
+from backend.model_store.versions import BASE_VERSION, VersionStore
+from backend.model_store.weights import StartingWeights
+from backend.settings import Settings
+from backend.training.data import ExampleCache
+from backend.training.engine import sgd, train_step
+from backend.training.modes import apply_mode, body_trainable, choose_mode, working_limit
+from backend.training.sampler import LiveSampler
+from backend.training.scoring import score_image
+from backend.training.transforms import augment, scale_jitter
+
+log = logging.getLogger(__name__)
+
+WARMUP_START = 0.1  # the warm-up starts at this fraction of LEARNING_RATE
+DECAY_FLOOR = 0.01  # the decay tail ends at this fraction
+DECAY_SHARE = 0.1  # the tail is at least this share of the session's steps
+
+
+@dataclass
+class SessionInputs:
+    project: str
+    title: str  # version names are "<slug of title>-v<N>"
+    labels: tuple[str, ...]  # the label config's labels, in order
+    task: str = "boxes"  # the primary control's kind: boxes (Faster R-CNN) or masks (Mask R-CNN)
+
+
+def lr_factor(step: int, warmup: int, decay_at: int | None = None, decay_steps: int = 0) -> float:
+    """The learning-rate multiplier ``step`` steps after the (last) warm-up began; ``decay_at``: the step the
+    tail began (None while training at the constant rate)."""
+    if decay_at is not None and decay_steps:
+        progress = min(1.0, (step - decay_at) / decay_steps)
+        return DECAY_FLOOR + (1.0 - DECAY_FLOOR) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if step < warmup:
+        return WARMUP_START + (1.0 - WARMUP_START) * step / warmup
+    return 1.0
+
+
+class TrainingSession:
+    def __init__(self, settings: Settings, starting: StartingWeights, fetcher: ImageFetcher, inputs: SessionInputs,
+                 device: torch.device, seed: int = 0):
+        self.settings, self.inputs, self.device = settings, inputs, device
+        self.store = VersionStore(settings.model_dir, inputs.project)
+        self.started = time.time()
+        self.id = uuid.uuid4().hex[:12]  # versions name the session that published them
+        self.parent = self.store.active()
+        parent = self.store.load(self.parent) if self.parent else None
+        if parent is not None and version_task(parent[1]) != inputs.task:
+            # the label config moved between boxes and masks: a Faster R-CNN cannot grow a mask head, start afresh
+            log.warning("project %s: active version %s predicts %s, the project now labels %s; starting a new model",
+                        inputs.project, self.parent, version_task(parent[1]), inputs.task)
+            parent, self.parent = None, None
+        if parent is None and starting.task != inputs.task:
+            raise LivetrainError(f"starting weights {starting.arch} are for {starting.task}, the project labels {inputs.task}")
+        meta = parent[1] if parent else {}
+        self.parent_meta = meta
+        self.classes = tuple(meta.get("classes", ()))
+        self.classes += tuple(label for label in inputs.labels if label not in self.classes)  # labels added mid-project
+        self.arch = meta.get("arch", starting.arch)
+        self.starting_source = meta.get("starting_weights") if parent else starting.source
+        self.model = model_for_round(starting, parent, self.classes, settings.min_size).to(device)
+        self.base_size = self.model.transform.min_size[0]
+        self.trainable = body_trainable(self.model)
+        # what /predict serves now, for the live quality score of each new image (before training on it)
+        self.served = self._eval_copy(model_from_version(*parent, settings.min_size)) if parent else None
+        self.served_classes = tuple(meta.get("classes", ()))
+        scale_jitter(self.model, self.base_size)
+        self.examples = ExampleCache(fetcher, inputs.task, working_limit(self.model))
+        self.fetcher = fetcher
+        self.sampler = LiveSampler(settings.new_fraction, settings.min_passes, seed=seed)
+        # task id (str) -> the annotation's updated_at the model has trained on; a version lists these
+        self.trained: dict[str, str] = dict(meta.get("trained_annotations", {}))
+        self.published_trained = dict(self.trained)
+        self.total_steps = int(meta.get("total_steps", meta.get("steps", 0)) or 0)
+        self.steps = 0  # in this session
+        self.warm_from = 0  # step the last warm-up began
+        self.decay_at: int | None = None
+        self.decay_len = 0
+        self.mode: str | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.versions: list[str] = []
+        self.loss_sum: dict[str, float] = {}
+        self.loss_steps = 0
+        self.step_time = {"heads": [0.0, 0], "full": [0.0, 0]}  # mode -> [seconds, steps]
+        self.last_losses: dict[str, float] = {}
+
+    # -- data ------------------------------------------------------------------------------------
+    def update(self, records: list[LabeledImage]) -> list[LabeledImage]:
+        """Take the training set as synced now; returns the records that are new or changed (in the next batch)."""
+        by_id = {r.task_id: r for r in records}
+        changed = self.sampler.update(by_id)
+        for task_id in list(self.trained):
+            if int(task_id) not in by_id:  # deleted, or no usable annotation any more: not trained on any longer
+                del self.trained[task_id]
+        self._set_mode(choose_mode(self.settings, len(records)))
+        return [by_id[t] for t in changed]
+
+    def is_new(self, record: LabeledImage) -> bool:
+        """Whether the model never trained on this task (a first annotation, not a correction)."""
+        return str(record.task_id) not in self.trained
+
+    def score(self, record: LabeledImage) -> tuple[str, Quality]:
+        """(version, quality) of the pre-label the served version gives ``record`` (raises LivetrainError when
+        its image cannot be loaded). Before the first version: the empty pre-label of ``livetrain-base``."""
+        version = self.versions[-1] if self.versions else (self.parent or BASE_VERSION)
+        quality = score_image(self.served, self.served_classes, record, self.fetcher, self.settings.score_threshold,
+                              self.device, self.inputs.task, self.classes, limit=(self.base_size, 2 * self.base_size))
+        return version, quality
+
+    def score_new(self, records: list[LabeledImage]) -> list[dict]:
+        """Score each record the model never trained on (``score``) and add it to its version's mean quality
+        (``meta["quality"]``, which picks the best version); returns one entry per scored image (task, time,
+        version, score, category counts) for the project's live quality series."""
+        entries = []
+        for record in records:
+            if not self.is_new(record):
+                continue
+            try:
+                version, quality = self.score(record)
+            except LivetrainError as exc:
+                log.info("task %s not scored: %s", record.task_id, exc.message)
+                continue
+            entries.append({"task": record.task_id, "time": round(time.time(), 3), "version": version,
+                            "score": round(quality.score, 4), "counts": asdict(quality)})
+            if version != BASE_VERSION and version in self.store.names():
+                meta = self.store.meta(version)
+                n = meta.get("quality_images", 0)
+                mean = (meta.get("quality", 0.0) * n + quality.score) / (n + 1)
+                self.store.update_meta(version, quality=round(mean, 4), quality_images=n + 1)
+        return entries
+
+    # -- training --------------------------------------------------------------------------------
+    def train(self, steps: int) -> None:
+        for _ in range(steps):
+            self.step()
+
+
+    def _set_mode(self, mode: str) -> None:
+        if mode == self.mode:
+            return
+        apply_mode(self.model, mode, self.trainable)
+        self.optimizer = sgd(self.model, self.settings.learning_rate)
+        if self.mode is not None:
+            log.info("project %s: the backbone joins training (%d images)", self.inputs.project, len(self.sampler.records))
+            self.sampler.reset_passes()
+        self.mode, self.warm_from = mode, self.steps
+
+    def lr(self) -> float:
+        return self.settings.learning_rate * lr_factor(self.steps - self.warm_from, self.settings.warmup_steps,
+                                                       None if self.decay_at is None else self.decay_at - self.warm_from,
+                                                       self.decay_len)
+
+    def step(self) -> dict:
+        """One SGD step on the next batch; returns its losses."""
+        started = time.perf_counter()
+        images, targets, drawn = [], [], []
+        while not images:
+            ids = self.sampler.draw(self.settings.batch_size)
+            if not ids:
+                raise LivetrainError("no training image could be loaded (see the worker log for each reason)")
+            for task_id in ids:
+                record = self.sampler.records[task_id]
+                try:
+                    image, target = self.examples.load(record, self.classes)
+                except LivetrainError as exc:
+                    log.warning("task %s left out of training: %s", task_id, exc.message)
+                    self.sampler.drop(task_id)
+                    continue
+                image, target = augment(image, target)
+                images.append(image)
+                targets.append(target)
+                drawn.append(record)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr()
+        self.model.train()
+        losses = train_step(self.model, self.optimizer, images, targets, self.device)
+        self.steps += 1
+        self.total_steps += 1
+        for record in drawn:
+            self.trained[str(record.task_id)] = record.updated_at
+        self.last_losses = losses
+        for k, v in losses.items():
+            self.loss_sum[k] = self.loss_sum.get(k, 0.0) + v
+        self.loss_steps += 1
+        timing = self.step_time[self.mode]
+        timing[0] += time.perf_counter() - started
+        timing[1] += 1
+        return losses
+
+    def has_new(self) -> bool:
+        """Whether the model trained on an annotation the last version did not have."""
+        return self.trained != self.published_trained
+
+    def settled(self) -> bool:
+        return self.sampler.settled()
+
+    def start_decay(self) -> int:
+        """Begin the learning-rate tail; returns how many steps it lasts."""
+        self.decay_at = self.steps
+        self.decay_len = max(self.settings.decay_steps, int(DECAY_SHARE * self.steps))
+        return self.decay_len
+
+    def decay_done(self) -> bool:
+        return self.decay_at is not None and self.steps - self.decay_at >= self.decay_len
+
+    # -- versions --------------------------------------------------------------------------------
+    def publish(self) -> str:
+        """Publish the model as it is now (atomically, as the active version); returns the version's name."""
+        records = self.sampler.records
+        trained = dict(self.trained)
+        previous = self.versions[-1] if self.versions else self.parent
+        previous_trained = self.published_trained
+        self.model.eval()
+        base_sizes, self.model.transform.min_size = self.model.transform.min_size, (self.base_size,)
+        state_dict = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        self.model.transform.min_size = base_sizes
+        meta = {
+            "parent": previous,
+            "session": self.id,
+            "arch": self.arch,
+            "task": self.inputs.task,
+            "classes": list(self.classes),
+            "images": len(trained),
+            "new_images": sum(1 for k, v in trained.items() if previous_trained.get(k) != v),
+            "negatives": sum(1 for r in records.values() if not r.boxes and str(r.task_id) in trained),
+            "annotations": sum(len(r.boxes) for r in records.values() if str(r.task_id) in trained),
+            "trained_annotations": trained,
+            "mode": self.mode,
+            "steps": self.loss_steps,
+            "total_steps": self.total_steps,
+            "session_steps": self.steps,
+            "final": self.decay_at is not None,
+            "losses": {k: round(v / max(self.loss_steps, 1), 5) for k, v in self.loss_sum.items()},
+            "last_losses": {k: round(v, 5) for k, v in self.last_losses.items()},
+            "duration_s": round(time.time() - (self._last_publish_time or self.started), 2),
+            "settings": {"learning_rate": self.settings.learning_rate, "batch_size": self.settings.batch_size,
+                         "train_mode": self.settings.train_mode, "new_fraction": self.settings.new_fraction,
+                         "min_size": self.base_size, "full_after": self.settings.full_after,
+                         "warmup_steps": self.settings.warmup_steps, "decay_steps": self.settings.decay_steps},
+            "starting_weights": self.starting_source,
+        }
+        name = self.store.publish(state_dict, meta, self.inputs.title, keep=self.settings.keep_versions)
+        self._last_publish_time = time.time()
+        self.versions.append(name)
+        self.published_trained = dict(trained)
+        self.loss_sum, self.loss_steps = {}, 0
+        self.served = self._eval_copy(copy.deepcopy(self.model))
+        self.served_classes = self.classes
+        log.info("project %s: published %s (%d images, %d new, %s mode, %d steps, loss %.3f)", self.inputs.project,
+                 name, meta["images"], meta["new_images"], self.mode, meta["steps"], meta["losses"].get("loss", float("nan")))
+        return name
+
+    _last_publish_time: float | None = None
+
+    def _eval_copy(self, model: torch.nn.Module) -> torch.nn.Module:
+        model.transform.min_size = (self.base_size,)  # eval uses min_size[-1]: not a training jitter scale
+        for param in model.parameters():
+            param.requires_grad_(False)
+        return model.to(self.device).eval()
+
+    def status(self) -> dict:
+        """What /status shows of the session."""
+        return {"id": self.id, "started_at": self.started, "steps": self.steps, "total_steps": self.total_steps, "mode": self.mode,
+                "phase": "decay" if self.decay_at is not None else "warmup" if self.steps - self.warm_from < self.settings.warmup_steps else "constant",
+                "images": len(self.sampler.records), "versions": len(self.versions), "lr": round(self.lr(), 6),
+                "loss": round(self.last_losses.get("loss", 0.0), 4),
+                "step_s": {mode: round(s / n, 3) if n else None for mode, (s, n) in self.step_time.items()},
+                "mode_steps": {mode: n for mode, (_, n) in self.step_time.items()}}
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.store.root / "checkpoints" / "session.pt"
+
+    def _key(self) -> dict:
+        return {"task": self.inputs.task, "classes": list(self.classes), "arch": self.arch}
+
+    def checkpoint(self) -> None:
+        path = self.checkpoint_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"key": self._key(), "session": self.id, "base": self.versions[-1] if self.versions else self.parent,
+                    "mode": self.mode, "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(), "trained": self.trained,
+                    "passes": {str(k): v for k, v in self.sampler.passes.items()},
+                    "total_steps": self.total_steps, "steps": self.steps, "warm_from": self.warm_from}, tmp)
+        os.replace(tmp, path)
+
+    def resume(self) -> bool:
+        """Continue from the checkpoint a killed (or fair-share paused) session left, if it continues the active
+        version with the same classes. Call after the first ``update``."""
+        try:
+            saved = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            return False
+        except Exception as exc:  # a checkpoint written during a crash may be unreadable: start from the version
+            log.warning("ignoring unreadable session checkpoint %s: %s", self.checkpoint_path, exc)
+            return False
+        # It continues the active version if it trained on from there, or if its own session published the
+        # active version after the checkpoint; not after a rollback (which deletes it), a new label or a kind switch.
+        continues = saved.get("base") == self.parent or (
+            self.parent is not None and self.parent_meta.get("session") == saved.get("session"))
+        if saved.get("key") != self._key() or not continues:
+            return False
+        if saved["mode"] != self.mode:
+            apply_mode(self.model, saved["mode"], self.trainable)
+            self.optimizer, self.mode = sgd(self.model, self.settings.learning_rate), saved["mode"]
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.trained = {k: v for k, v in saved["trained"].items() if int(k) in self.sampler.records}
+        self.total_steps = saved["total_steps"]
+        self.steps, self.warm_from = saved["steps"], saved["warm_from"]
+        for task_id, passes in saved["passes"].items():
+            record = self.sampler.records.get(int(task_id))
+            if record is not None and self.trained.get(task_id) == record.updated_at:
+                self.sampler.passes[int(task_id)] = passes
+        # what the checkpoint trained on needs no front-of-queue draw; changed images still get one
+        self.sampler.fresh = [t for t in self.sampler.fresh if self.trained.get(str(t)) != self.sampler.records[t].updated_at]
+        return True
+
+    def clear_checkpoint(self) -> None:
+        self.checkpoint_path.unlink(missing_ok=True)
