@@ -108,7 +108,7 @@ def train(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     connection = connect(settings)
     queued = enqueue_training(connection, args.project, full=True)
-    print("queued a round" if queued else "a round is already pending")
+    print("queued a training session" if queued else "a session is already queued or running: it takes the full sync in")
     if args.wait:
         print(wait_for_idle(connection, args.project, timeout=args.wait))
     return 0
@@ -187,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("project")
     p.add_argument("version")
     p.set_defaults(func=rollback)
-    p = sub.add_parser("train", help="full sync from Label Studio and a training round, now")
+    p = sub.add_parser("train", help="full sync from Label Studio and a training session, now")
     p.add_argument("project")
-    p.add_argument("--wait", type=float, default=0, help="wait up to this many seconds for the round to finish")
+    p.add_argument("--wait", type=float, default=0, help="wait up to this many seconds for the session to end")
     p.set_defaults(func=train)
     p = sub.add_parser("rescore", help="score the unlabeled tasks with the active version, write them into Label Studio")
     p.add_argument("project")

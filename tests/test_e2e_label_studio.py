@@ -44,8 +44,9 @@ def label_studio(tmp_path_factory):
 def livetrain(label_studio, tmp_path_factory):
     _, credentials = label_studio
     env = {"LABEL_STUDIO_URL": credentials.url, "LABEL_STUDIO_API_KEY": credentials.pat,
-           "BASIC_AUTH_USER": AUTH[0], "BASIC_AUTH_PASS": AUTH[1], "MIN_ANNOTATIONS": 2, "TRAIN_STEPS": 6,
-           "MIN_SIZE": 128, "BATCH_SIZE": 2, "CHECKPOINT_EVERY": 3}
+           "BASIC_AUTH_USER": AUTH[0], "BASIC_AUTH_PASS": AUTH[1], "MIN_ANNOTATIONS": 2, "MIN_SIZE": 128,
+           "BATCH_SIZE": 2, "CHECKPOINT_EVERY": 3, "PUBLISH_INTERVAL": 2, "IDLE_AFTER": 1, "MIN_PASSES": 2,
+           "DECAY_STEPS": 3, "WARMUP_STEPS": 2}
     server = LivetrainServer(tmp_path_factory.mktemp("models"), env=env, cwd=ROOT)
     try:
         server.wait_ready(timeout=240)
@@ -100,7 +101,7 @@ def active_version(livetrain, project) -> dict | None:
 
 
 def idle_with(livetrain, project, predicate):
-    """The active version once no round is queued or running and ``predicate(version)`` holds."""
+    """The active version once no session is queued or running and ``predicate(version)`` holds."""
     s = status(livetrain, project)
     assert s.get("state") != "error", s.get("last_error")
     if s.get("state") != "idle":
@@ -112,7 +113,7 @@ def idle_with(livetrain, project, predicate):
 def test_connect_with_basic_auth(ls, livetrain, project):
     ml = ls.ml(project["ml"]["id"])
     assert ml["state"] == "CO", ml  # connected: GET /health and POST /setup answered with Basic auth
-    assert ml["model_version"] == "livetrain-base"  # what our /setup returned before any round
+    assert ml["model_version"] == "livetrain-base"  # what our /setup returned before any version
     # without the credentials Label Studio cannot connect: our /health and /setup answer 401
     with pytest.raises(LabelStudioError):
         ls.connect_ml(project["id"], livetrain.url, title="no auth")
@@ -161,7 +162,7 @@ def test_images_fetched_with_legacy_token_and_pat(label_studio, project):
     assert anonymous.status_code in (401, 403)  # so the fetches above really authenticated
 
 
-def test_update_and_delete_reach_the_next_round(ls, livetrain, project):
+def test_update_and_delete_reach_the_next_version(ls, livetrain, project):
     v1 = project["v1"]
     updated, deleted = project["tasks"][1]["id"], project["tasks"][2]["id"]
     ls.update_annotation(project["annotations"][1], result=rectangles(project["objects"][1][:1]))
@@ -169,17 +170,17 @@ def test_update_and_delete_reach_the_next_round(ls, livetrain, project):
     version = wait_until(lambda: idle_with(livetrain, project, lambda v: str(deleted) not in v["trained_annotations"]
                                            and v["trained_annotations"].get(str(updated))
                                            != v1["trained_annotations"][str(updated)]),
-                         timeout=ROUND_TIMEOUT, interval=1.0, what="a round with the update and the deletion")
+                         timeout=ROUND_TIMEOUT, interval=1.0, what="a version with the update and the deletion")
     assert version["name"] != v1["name"] and version["images"] == 3
     assert ls.ml(project["ml"]["id"])["state"] == "CO"  # no webhook or training call put the connection in error
 
 
 
 def test_unlabeled_tasks_rescored_and_served_lowest_score_first(ls, livetrain, project):
-    """After a round, livetrain writes a prediction of the new version with a score for every unlabeled task
+    """After a session, livetrain writes a prediction of the new version with a score for every unlabeled task
     and moves the project's model_version to it, so Label Studio's uncertainty sampling has scores to use."""
     version = wait_until(lambda: idle_with(livetrain, project, lambda v: True), timeout=ROUND_TIMEOUT, interval=1.0,
-                         what="no round pending")["name"]
+                         what="no session pending")["name"]
 
     def rescored():
         s = status(livetrain, project).get("rescore") or {}
@@ -215,7 +216,8 @@ def test_simulator_replays_a_coco_dataset(ls, livetrain, tmp_path, via):
     categories = [{"id": 1, "name": "Square"}, {"id": 2, "name": "Disc"}]
     (tmp_path / "annotations.json").write_text(json.dumps({"images": images, "annotations": annotations,
                                                            "categories": categories}))
-    config = SimulationConfig(data=tmp_path, images=3, via=via, pace=0.0, title=f"simulation via {via}")
+    config = SimulationConfig(data=tmp_path, images=3, via=via, pace=0.0, title=f"simulation via {via}",
+                              session_timeout=0)  # the end-of-session wait is unit-tested; keep CI lean
     summary = Simulation(config, ls, livetrain.url, tmp_path / "out", ml_auth=AUTH).run()
     records = [json.loads(line) for line in (tmp_path / "out" / "simulation.jsonl").read_text().splitlines()]
     assert [r["n"] for r in records] == [1, 2, 3]

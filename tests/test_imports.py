@@ -1,4 +1,5 @@
-"""Dependencies point one way: no import circle between backend's packages, none inside model_store."""
+"""Dependencies point one way: no import circle between backend's packages, none inside model_store, jobs
+or training."""
 
 from __future__ import annotations
 
@@ -61,3 +62,10 @@ def test_no_circle_inside_model_store():
     edges = graph(module)
     assert cycle(edges) is None
     assert "backend.model_store.architectures" not in edges.get("backend.model_store.lite0", set())
+
+
+def test_no_circle_inside_jobs_or_training():
+    """e.g. the training job queues re-scoring, so re-scoring must not import the training job."""
+    for package in ("jobs", "training"):
+        module = lambda m, p=package: m if m.startswith(f"backend.{p}.") else None  # noqa: E731
+        assert cycle(graph(module)) is None, package

@@ -7,7 +7,8 @@ the ``rescore_project`` job scores the unlabeled tasks with it, writes the predi
 (RESCORE_OLD_PREDICTIONS) and moves the project's ``model_version`` to the new version as soon as the
 first batch is written (so the label stream serves the most uncertain of the freshly scored tasks at once).
 
-* Most useful first: tasks never scored, then those whose newest previous score is lowest; RESCORE_LIMIT
+* Most useful first: tasks never scored, then the stalest (newest prediction of the oldest version), then
+  those whose newest previous score is lowest; RESCORE_LIMIT
   caps how many tasks carry the version (0 = all). A task that already has this version's prediction is
   done and never written twice, so a job that stops can simply be queued again.
 * A per-version budget: with a training session publishing a version every few seconds, a job scores the
@@ -15,8 +16,8 @@ first batch is written (so the label stream serves the most uncertain of the fre
   own job takes over) or RESCORE_LIMIT is reached. It runs on a worker of its own (RESCORE_NICE,
   RESCORE_THREADS; ``backend/jobs/workers.py``), so it makes progress while a session trains.
 * Label Studio down or slow: the job queues itself again after a delay (RETRY_DELAYS), then fails with
-  Label Studio's error in the project status. Training never waits for it: the enqueue after a round is
-  wrapped so that no failure here can fail the round.
+  Label Studio's error in the project status. Training never waits for it: the enqueue after a version is
+  wrapped so that no failure here can fail the session.
 
 ``complete_tasks`` (``POST /projects/<id>/complete``, ``livetrain complete``) is the same code path over
 all or selected tasks with its own min score / max detections, optionally removing the tasks' existing
@@ -40,8 +41,7 @@ from backend.errors import BadRequest, LivetrainError
 from backend.inference.predictor import BASE_VERSION, RAW_SCORE_FLOOR, LoadedModel, Predictor, has_annotations
 from backend.jobs.connection import connect
 from backend.jobs.queue import rescore_queue
-from backend.jobs.state import ProjectState
-from backend.jobs.state import ls_credentials
+from backend.jobs.state import ProjectState, ls_credentials, version_number
 from backend.labelstudio.client import LabelStudioClient, LabelStudioError, LabelStudioUnavailable
 from backend.labelstudio.images import ImageFetcher
 from backend.labelstudio.label_config import parse_label_config
@@ -82,7 +82,7 @@ def enqueue_rescore(connection: redis.Redis, project: str, attempt: int = 0, del
 
 
 def rescore_after_publish(connection: redis.Redis, project: str) -> str | None:
-    """Called by the training job after a round: never raises (a failure here must not fail the round)."""
+    """Called by the training session after each version: never raises (a failure here must not fail training)."""
     try:
         return enqueue_rescore(connection, project)
     except Exception as exc:
@@ -145,21 +145,21 @@ def has_version(task: dict, version: str) -> bool:
     return any(p.get("model_version") == version for p in task.get("predictions") or ())
 
 
-def previous_score(task: dict) -> float | None:
-    """The score of the task's newest scored prediction, or None when it was never scored."""
-    scored = [p for p in task.get("predictions") or () if isinstance(p.get("score"), (int, float))]
-    return max(scored, key=lambda p: p.get("id") or 0)["score"] if scored else None
-
-
 def plan_rescore(tasks: list[dict], version: str, limit: int) -> list[dict]:
-    """The tasks to score with ``version``, most useful first: never scored, then lowest previous score
-    (ties by id). With ``limit``, at most that many tasks carry the version, counting those already done."""
+    """The tasks to score with ``version``, most useful first: never scored; then the stalest (the newest
+    scored prediction of the oldest version: with a version every few seconds each job is superseded after
+    a batch or two, and Label Studio shows a task's stored prediction, never asking again, so stale ones
+    must come round); then the lowest previous score (ties by id). With ``limit``, at most that many tasks
+    carry the version, counting those already done."""
     done = sum(1 for t in tasks if has_version(t, version))
     todo = [t for t in tasks if not has_version(t, version)]
 
     def usefulness(task):
-        score = previous_score(task)
-        return (0, 0.0, task["id"]) if score is None else (1, score, task["id"])
+        scored = [p for p in task.get("predictions") or () if isinstance(p.get("score"), (int, float))]
+        if not scored:
+            return (0, 0, 0.0, task["id"])
+        newest = max(scored, key=lambda p: p.get("id") or 0)
+        return (1, version_number(newest.get("model_version") or ""), newest["score"], task["id"])
 
     todo.sort(key=usefulness)
     return todo[: max(0, limit - done)] if limit else todo
@@ -263,7 +263,7 @@ def _setup(settings: Settings, connection: redis.Redis, project: str, version: s
     if version_task(meta) != control.task:
         # e.g. the config moved from rectangles to polygons: boxes written under a polygon tag break the editor
         raise LivetrainError(f"version {version} predicts {version_task(meta)} but the project's label config "
-                             f"asks for {control.task}; the next training round makes a {control.task} version")
+                             f"asks for {control.task}; the next training session makes a {control.task} version")
     model = model_from_version(state, meta, settings.min_size)
     model.roi_heads.score_thresh = RAW_SCORE_FLOOR  # as /predict serves it: the uncertainty sees every candidate
     model.to(pick_device(settings.device)).eval()

@@ -207,4 +207,4 @@ def _catch_up(settings: Settings, connection: redis.Redis) -> None:
 
     queued = queue_known_projects(settings, connection)  # catch up with what happened while no worker ran
     if queued:
-        log.info("queued a full sync and round for project(s) %s", ", ".join(queued))
+        log.info("queued a full sync and session for project(s) %s", ", ".join(queued))
