@@ -73,7 +73,7 @@ class Settings:
     decay_steps: int = field(default=60, metadata={"env": "DECAY_STEPS", "doc": "Cosine learning-rate decay tail (to 1%) before a session's final version; at least a tenth of the session's steps."})
     lock_ttl: float = field(default=60.0, metadata={"env": "LOCK_TTL", "doc": "Seconds a dead worker's project lock survives; a live worker renews it while training."})
     # CPU shares: web (/predict), trainer and re-scoring run in their own processes
-    train_threads: int = field(default=0, metadata={"env": "TRAIN_THREADS", "doc": "Torch threads of the training worker (0 = one per CPU core)."})
+    train_threads: int = field(default=0, metadata={"env": "TRAIN_THREADS", "doc": "Torch threads of the training worker (0 = one per CPU core but one, left to the web process and re-scoring: on 2 cores a 2-thread trainer beside a busy re-scoring worker stalls at every OpenMP barrier, 3.3-3.8 s per step instead of ~1.3 s with one thread)."})
     rescore_threads: int = field(default=1, metadata={"env": "RESCORE_THREADS", "doc": "Torch threads of the re-scoring worker (re-scoring and Complete jobs)."})
     train_nice: int = field(default=5, metadata={"env": "TRAIN_NICE", "doc": "Niceness added to the training worker: when /predict needs the CPU it gets it first, so an opened task never waits on the trainer."})
     rescore_nice: int = field(default=10, metadata={"env": "RESCORE_NICE", "doc": "Niceness added to the re-scoring worker: it uses what the web and the trainer leave."})
@@ -154,6 +154,11 @@ class Settings:
     def arch_for(self, task: str) -> str:
         """MODEL_ARCH for box projects, MASK_ARCH for mask projects."""
         return self.mask_arch if task == "masks" else self.model_arch
+
+    @property
+    def training_threads(self) -> int:
+        """TRAIN_THREADS, or one per CPU core but one."""
+        return self.train_threads or max(1, (os.cpu_count() or 2) - 1)
 
     @property
     def image_cache_dir(self) -> Path:

@@ -132,7 +132,10 @@ def train_project(project: str) -> dict:
             lock.release()
         except Exception:  # expired meanwhile: nothing to release
             pass
-    if report.get("end") not in ("slice", "rolled back") and state.has_marks():  # a submit that came as the session ended
+    # A submit that came as the session ended starts the next one; not while Label Studio fails (its marks
+    # wait for the next webhook or worker start, instead of a job after job that cannot sync).
+    if report.get("end") not in ("slice", "rolled back") and not report.get("label_studio_unavailable") \
+            and state.has_marks():
         enqueue_training(connection, project)
     return report
 
@@ -149,6 +152,7 @@ class _Feed:
         self.control = None
         self.title = state.status().get("title") or f"project-{project}"
         self.retry_at = 0.0
+        self.unavailable = False  # Label Studio failed the last sync (its marks were put back)
 
     def first_sync(self) -> None:
         dirty, deleted, full = self.state.pop_marks()
@@ -160,9 +164,11 @@ class _Feed:
             self.control = parse_label_config(info["label_config"]).primary
             self.title = info.get("title") or self.title
             sync_project(self.client, self.project, self.control, self.training_set, dirty, deleted, full)
+            self.unavailable = False
         except LabelStudioUnavailable as exc:
             # Label Studio down: keep the marks for later and train on what was synced before, if anything
             self.state.restore_marks(dirty, deleted, full)
+            self.unavailable = True
             if self.training_set.synced_at is None:
                 raise
             log.warning("project %s: %s; training on the last synced data", self.project, exc.message)
@@ -181,8 +187,10 @@ class _Feed:
                 sync_project(self.client, self.project, self.control, self.training_set, dirty, deleted, True)
             else:
                 sync_marked(self.client, self.project, self.control, self.training_set, dirty, deleted)
+            self.unavailable = False
         except LabelStudioUnavailable as exc:
             self.state.restore_marks(dirty, deleted, full)
+            self.unavailable = True
             log.warning("project %s: %s; trying again in %.0f s", self.project, exc.message, RETRY_SECONDS)
             self.retry_at = time.monotonic() + RETRY_SECONDS
             return False
@@ -191,6 +199,11 @@ class _Feed:
 
 def _train_locked(settings: Settings, connection: redis.Redis, state: ProjectState, project: str) -> dict:
     feed = _Feed(settings, connection, state, project)
+    report = _train(settings, connection, state, project, feed)
+    return dict(report, label_studio_unavailable=feed.unavailable)
+
+
+def _train(settings: Settings, connection: redis.Redis, state: ProjectState, project: str, feed: "_Feed") -> dict:
     feed.first_sync()
     training_set = feed.training_set
     records = training_set.ordered()

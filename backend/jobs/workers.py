@@ -184,7 +184,7 @@ def run_worker(settings: Settings, queue: str = "all", parent_pid: int | None = 
             set_share("re-scoring", base + settings.rescore_nice, settings.rescore_threads)
             worker = LivetrainWorker([rescore_queue(connection)], connection=connection)
         else:
-            set_share("training", base + settings.train_nice, settings.train_threads)
+            set_share("training", base + settings.train_nice, settings.training_threads)
             _catch_up(settings, connection)
             worker = LivetrainWorker([job_queue(connection)], connection=connection)
             worker.companion = companion

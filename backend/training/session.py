@@ -174,7 +174,7 @@ class TrainingSession:
         apply_mode(self.model, mode, self.trainable)
         self.optimizer = sgd(self.model, self.settings.learning_rate)
         if self.mode is not None:
-            log.info("project %s: the backbone joins training (%d images)", self.inputs.project, len(self.sampler.records))
+            log.info("project %s: %s mode from now on (%d images)", self.inputs.project, mode, len(self.sampler.records))
             self.sampler.reset_passes()
         self.mode, self.warm_from = mode, self.steps
 
