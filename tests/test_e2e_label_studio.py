@@ -45,8 +45,8 @@ def livetrain(label_studio, tmp_path_factory):
     _, credentials = label_studio
     env = {"LABEL_STUDIO_URL": credentials.url, "LABEL_STUDIO_API_KEY": credentials.pat,
            "BASIC_AUTH_USER": AUTH[0], "BASIC_AUTH_PASS": AUTH[1], "MIN_ANNOTATIONS": 2, "MIN_SIZE": 128,
-           "BATCH_SIZE": 2, "CHECKPOINT_EVERY": 3, "PUBLISH_INTERVAL": 2, "IDLE_AFTER": 1, "MIN_PASSES": 2,
-           "DECAY_STEPS": 3, "WARMUP_STEPS": 2}
+           "BATCH_SIZE": 2, "CHECKPOINT_EVERY": 3, "PUBLISH_INTERVAL": 2, "IDLE_AFTER": 1, "MIN_PASSES": 5,
+           "DECAY_STEPS": 6, "WARMUP_STEPS": 2}  # a few steps per session: enough for the mask heads to find shapes
     server = LivetrainServer(tmp_path_factory.mktemp("models"), env=env, cwd=ROOT)
     try:
         server.wait_ready(timeout=240)
@@ -138,10 +138,14 @@ def test_submits_train_a_version_that_serves_predictions(ls, livetrain, project)
     project["v1"] = version
     assert set(version["trained_annotations"]) == {str(t["id"]) for t in project["tasks"][:4]}
     assert version["name"] in ls.ml_versions(project["ml"]["id"])["versions"]  # LS -> GET /versions
-    # a task opened now gets a prediction of the new version, with a score, stored in Label Studio
-    task = ls.open_task(project["tasks"][5]["id"])
-    ours = [p for p in task["predictions"] if p["model_version"] == version["name"]]
-    assert ours, [p["model_version"] for p in task["predictions"]]
+    # a task opened gets a prediction of the new version (re-scoring writes it, or /predict when it has none),
+    # with a score, stored in Label Studio
+    def fresh(task_id):
+        task = ls.open_task(task_id)
+        return [p for p in task["predictions"] if p["model_version"] == version["name"]]
+
+    ours = wait_until(lambda: fresh(project["tasks"][5]["id"]), timeout=ROUND_TIMEOUT, interval=1.0,
+                      what="a prediction of the final version on an unlabeled task")
     assert isinstance(ours[0]["score"], float) and 0.0 <= ours[0]["score"] <= 1.0
     for region in ours[0]["result"]:
         assert region["type"] == "rectanglelabels" and region["value"]["rectanglelabels"][0] in ("Square", "Disc")
@@ -338,9 +342,12 @@ def test_mask_project_trains_a_version_that_serves_predictions(ls, livetrain, ma
     assert set(version["classes"]) == set(MASK_LABELS)  # the config's labels (both occur in the 3 images)
     assert version["name"] in ls.ml_versions(mask_project["ml"]["id"])["versions"]  # LS -> GET /versions
     # a task opened now gets a prediction of the new version (unless re-scoring wrote it first), stored in LS
-    task = ls.open_task(mask_project["tasks"][-1]["id"])
-    ours = [p for p in task["predictions"] if p["model_version"] == version["name"]]
-    assert len(ours) == 1, [p["model_version"] for p in task["predictions"]]
+    def fresh():  # re-scoring writes the final version's prediction (or /predict does, for a task with none)
+        task = ls.open_task(mask_project["tasks"][-1]["id"])
+        return [p for p in task["predictions"] if p["model_version"] == version["name"]]
+
+    ours = wait_until(fresh, timeout=ROUND_TIMEOUT, interval=1.0, what="a prediction of the final mask version")
+    assert len(ours) == 1, ours
     assert isinstance(ours[0]["score"], float) and 0.0 <= ours[0]["score"] <= 1.0
     check_mask_regions(ours[0]["result"], mask_project["type"])
 

@@ -374,7 +374,8 @@ def test_config_switch_from_rectangles_to_polygons_through_the_training_job(tmp_
                                                               '<RectangleLabels name="label" model_skip="true"')
         second = _train_locked(settings, connection, state, str(project))
         meta = store.meta(second["published"])
-        assert (meta["task"], meta["arch"], meta["parent"], meta["images"]) == ("masks", "maskrcnn_lite0_fpn", None, 3)
+        assert (meta["task"], meta["arch"], meta["images"]) == ("masks", "maskrcnn_lite0_fpn", 3)
+        assert store.meta(second["versions"][0])["parent"] is None  # the session's first mask version: a new model
         assert TrainingSet(settings.model_dir, str(project)).task == "masks"
         with pytest.raises(BadRequest, match="predicts boxes"):
             rollback_to(settings, str(project), first["published"])
