@@ -71,6 +71,9 @@ class Settings:
     session_slice: float = field(default=300.0, metadata={"env": "SESSION_SLICE", "doc": "Fair share: when another project's training waits, a session that ran this many seconds publishes, queues itself behind it and frees the worker."})
     warmup_steps: int = field(default=10, metadata={"env": "WARMUP_STEPS", "doc": "Linear learning-rate warm-up at the start of a session (and when the backbone joins at FULL_AFTER)."})
     decay_steps: int = field(default=60, metadata={"env": "DECAY_STEPS", "doc": "Cosine learning-rate decay tail (to 1%) before a session's final version; at least a tenth of the session's steps."})
+    validation_fraction: float = field(default=0.0, metadata={"env": "VALIDATION_FRACTION", "doc": "Share of the labeled tasks kept out of training as a held-out validation split (stable: chosen by a hash of the task id). Each published version's box (and mask) mAP and mAP@0.5, overall and per class, are computed on it and stored in its meta. 0 = no split."})
+    guard: bool = field(default=True, metadata={"env": "GUARD", "doc": "Version guard: a new version becomes active only if it is not worse than the active one by more than GUARD_MARGIN (validation mAP when there is a split, else the live quality of images it had not trained on); otherwise it is kept, marked held back, and training continues from the better weights."})
+    guard_margin: float = field(default=0.05, metadata={"env": "GUARD_MARGIN", "doc": "How much worse (absolute, on a 0-1 score) a new version may be than the active one before the guard holds it back."})
     lock_ttl: float = field(default=60.0, metadata={"env": "LOCK_TTL", "doc": "Seconds a dead worker's project lock survives; a live worker renews it while training."})
     # CPU shares: web (/predict), trainer and re-scoring run in their own processes
     train_threads: int = field(default=0, metadata={"env": "TRAIN_THREADS", "doc": "Torch threads of the training worker (0 = one per CPU core but one, left to the web process and re-scoring: on 2 cores a 2-thread trainer beside a busy re-scoring worker stalls at every OpenMP barrier, 3.3-3.8 s per step instead of ~1.3 s with one thread)."})
@@ -150,6 +153,10 @@ class Settings:
             raise ValueError("RESCORE_LIMIT must be 0 (all) or more and RESCORE_BATCH at least 1")
         if not 0.0 <= self.new_fraction <= 1.0:
             raise ValueError("NEW_FRACTION must be between 0 and 1")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError("VALIDATION_FRACTION must be at least 0 and below 1")
+        if not 0.0 <= self.guard_margin <= 1.0:
+            raise ValueError("GUARD_MARGIN must be between 0 and 1")
 
     def arch_for(self, task: str) -> str:
         """MODEL_ARCH for box projects, MASK_ARCH for mask projects."""

@@ -192,6 +192,8 @@ class Run:
             job.meta["progress"] = report
             job.save_meta()
         self.state.set_status(**{self.kind: report})
+        if state == "error":
+            self.state.add_error(self.kind, extra.get("error", "failed"))
         return report
 
 

@@ -22,6 +22,8 @@ local moved = tonumber(redis.call('GET', KEYS[1]) or '-1')
 if ARGV[2] == '1' or tonumber(ARGV[1]) >= moved then redis.call('SET', KEYS[1], ARGV[1]) return 1 end
 return 0
 """
+LOSS_POINTS = 2000  # points of the loss curve kept per project
+ERRORS_KEPT = 20  # recent errors kept per project
 QUALITY_WINDOW = 10  # images in the rolling mean of the live quality score that /status reports
 LS_FALLBACK = f"{PREFIX}:ls-fallback"  # hostname + access_token from /setup, for workers without LABEL_STUDIO_*
 
@@ -37,6 +39,8 @@ class ProjectState:
         self.rescore_pending_key = f"{key}:rescore-pending"
         self.moved_version_key = f"{key}:ls-model-version"  # number of the version re-scoring moved LS to
         self.quality_key = f"{key}:quality"  # the live quality series: one JSON entry per newly labeled image
+        self.loss_key = f"{key}:loss"  # the training loss series: one point every few seconds of a session
+        self.errors_key = f"{key}:errors"  # recent errors of training, re-scoring and Complete (newest last)
 
     def mark(self, tasks=(), deleted_annotations=(), full: bool = False, pipe=None) -> None:
         """Record what changed; with ``pipe``, only add the commands to it (the caller executes)."""
@@ -87,6 +91,26 @@ class ProjectState:
 
     def quality_series(self, last: int = 0) -> list[dict]:
         return [json.loads(e) for e in self.r.lrange(self.quality_key, -last if last else 0, -1)]
+
+    def add_loss(self, entry: dict) -> None:
+        """Append one point of the training loss curve (time, total steps, mean loss since the last point, mode,
+        lr); the oldest points go beyond LOSS_POINTS."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.rpush(self.loss_key, json.dumps(entry)).ltrim(self.loss_key, -LOSS_POINTS, -1)
+        pipe.execute()
+
+    def loss_series(self, last: int = 0) -> list[dict]:
+        return [json.loads(e) for e in self.r.lrange(self.loss_key, -last if last else 0, -1)]
+
+    def add_error(self, source: str, message: str) -> None:
+        """Remember an error for the status page (the newest ERRORS_KEPT)."""
+        entry = {"time": round(time.time(), 3), "source": source, "message": str(message)[:2000]}
+        pipe = self.r.pipeline(transaction=False)
+        pipe.rpush(self.errors_key, json.dumps(entry)).ltrim(self.errors_key, -ERRORS_KEPT, -1)
+        pipe.execute()
+
+    def recent_errors(self, last: int = ERRORS_KEPT) -> list[dict]:
+        return [json.loads(e) for e in self.r.lrange(self.errors_key, -last, -1)]
 
     def status(self) -> dict:
         raw = self.r.hgetall(self.status_key)

@@ -125,6 +125,7 @@ def train_project(project: str) -> dict:
     except Exception as exc:
         message = exc.message if isinstance(exc, LivetrainError) else f"{type(exc).__name__}: {exc}"
         state.set_status(state="error", last_error=message, progress=None)
+        state.add_error("training", message)
         log.error("project %s: session failed: %s\n%s", project, message, traceback.format_exc())
         raise
     finally:
@@ -273,6 +274,9 @@ def _run(settings: Settings, connection: redis.Redis, state: ProjectState, proje
         if now - last_status >= STATUS_SECONDS:
             last_status = now
             state.set_status(session=session.status())
+            point = session.loss_point()
+            if point is not None:
+                state.add_loss(point)
             if job is not None:
                 job.meta["progress"] = session.status()
                 job.save_meta()
@@ -293,6 +297,9 @@ def _run(settings: Settings, connection: redis.Redis, state: ProjectState, proje
         if session.has_new() and time.monotonic() - last_publish >= settings.publish_interval:
             _publish(settings, connection, state, session)
             last_publish = time.monotonic()
+    point = session.loss_point()
+    if point is not None:
+        state.add_loss(point)
     if end == "rolled back":
         session.clear_checkpoint()
         enqueue_training(connection, project, force=True)

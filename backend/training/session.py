@@ -116,6 +116,7 @@ class TrainingSession:
         self.loss_steps = 0
         self.step_time = {"heads": [0.0, 0], "full": [0.0, 0]}  # mode -> [seconds, steps]
         self.last_losses: dict[str, float] = {}
+        self._point = [0.0, 0]  # loss sum and steps since the last loss_point()
 
     # -- data ------------------------------------------------------------------------------------
     def update(self, records: list[LabeledImage]) -> list[LabeledImage]:
@@ -215,10 +216,21 @@ class TrainingSession:
         for k, v in losses.items():
             self.loss_sum[k] = self.loss_sum.get(k, 0.0) + v
         self.loss_steps += 1
+        self._point[0] += losses.get("loss", 0.0)
+        self._point[1] += 1
         timing = self.step_time[self.mode]
         timing[0] += time.perf_counter() - started
         timing[1] += 1
         return losses
+
+    def loss_point(self) -> dict | None:
+        """One point of the loss curve: the mean loss of the steps since the last point (None if no step)."""
+        total, n = self._point
+        if not n:
+            return None
+        self._point = [0.0, 0]
+        return {"time": round(time.time(), 3), "total_steps": self.total_steps, "steps": n,
+                "loss": round(total / n, 5), "mode": self.mode, "lr": round(self.lr(), 6)}
 
     def has_new(self) -> bool:
         """Whether the model trained on an annotation the last version did not have."""
