@@ -25,6 +25,10 @@ def serve(args: argparse.Namespace) -> int:
     worker = None
     if not args.no_worker:
         worker = subprocess.Popen([sys.executable, "-m", "backend.cli", "worker"])
+    # GET /metrics sums what every gunicorn worker counted: prometheus_client's multiprocess mode, which
+    # needs the directory set before any worker imports prometheus_client (set after the RQ worker starts:
+    # workers count in Redis instead, backend/jobs/counters.py).
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir(settings))
 
     class Gunicorn(BaseApplication):
         def load_config(self):
@@ -34,6 +38,7 @@ def serve(args: argparse.Namespace) -> int:
             self.cfg.set("worker_class", "gthread")
             self.cfg.set("timeout", 300)  # a large predict batch on CPU may take minutes
             self.cfg.set("loglevel", settings.log_level.lower())
+            self.cfg.set("child_exit", _metrics_child_exit)
             if "control_socket_disable" in self.cfg.settings:
                 # gunicorn >= 25 binds one control socket per user (~/.gunicorn/gunicorn.ctl); a second
                 # `livetrain serve` (another project, a test, a benchmark) would take it over.
@@ -60,6 +65,25 @@ def serve(args: argparse.Namespace) -> int:
                 except subprocess.TimeoutExpired:
                     worker.kill()
     return 0
+
+
+def _metrics_dir(settings: Settings):
+    """PROMETHEUS_MULTIPROC_DIR when set, else MODEL_DIR/.prometheus; emptied of the last run's files
+    (prometheus_client would add a dead run's counts to this one's)."""
+    from pathlib import Path
+
+    directory = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or settings.model_dir / ".prometheus")
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink(missing_ok=True)
+    return directory
+
+
+def _metrics_child_exit(server, worker) -> None:
+    """gunicorn hook, in the master: drop the exited worker's live gauges (its counters keep counting)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -99,6 +123,31 @@ def rollback(args: argparse.Namespace) -> int:
         if rescore_after_publish(connect(settings), args.project):
             print("queued re-scoring of the unlabeled tasks with it")
     return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from backend.errors import LivetrainError
+    from backend.inference.export_check import check_export, format_report, sample_images
+    from backend.model_store.export import export_version
+
+    settings = Settings.from_env()
+    try:
+        out = export_version(settings.model_dir, args.project, args.version, args.format, args.out,
+                             min_size=settings.min_size, score_threshold=settings.score_threshold,
+                             max_detections=settings.max_detections)
+        print(f"exported to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
+        if args.no_check:
+            return 0
+        images = ({path: Image.open(path).convert("RGB") for path in args.check} if args.check
+                  else sample_images(settings.image_cache_dir))
+        report = check_export(out, settings.model_dir, images, settings.min_size)
+    except (LivetrainError, OSError) as exc:
+        print(f"livetrain: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 1
+    print(format_report(report))
+    return 0 if report["ok"] else 3
 
 
 def train(args: argparse.Namespace) -> int:
@@ -187,6 +236,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("project")
     p.add_argument("version")
     p.set_defaults(func=rollback)
+    p = sub.add_parser("export", help="export a version as TorchScript or ONNX (+ labels, config, README); see docs/export.md")
+    p.add_argument("project")
+    p.add_argument("--version", default=None, help="the version to export (default: the active one)")
+    p.add_argument("--format", required=True, choices=("torchscript", "onnx"))
+    p.add_argument("--out", required=True, help="directory to write the files into")
+    p.add_argument("--check", nargs="+", metavar="IMAGE", help="compare with /predict on these images "
+                   "(default: two images from the image cache, or generated ones)")
+    p.add_argument("--no-check", action="store_true", help="skip the parity check")
+    p.set_defaults(func=export)
     p = sub.add_parser("train", help="full sync from Label Studio and a training session, now")
     p.add_argument("project")
     p.add_argument("--wait", type=float, default=0, help="wait up to this many seconds for the session to end")

@@ -19,6 +19,12 @@ class BadRequest(LivetrainError):
     status = 400
 
 
+class NotFound(LivetrainError):
+    """A project, model version or other named thing does not exist."""
+
+    status = 404
+
+
 class LabelConfigError(BadRequest):
     """The project's label config has nothing livetrain can train or predict."""
 

@@ -10,7 +10,8 @@ from backend.settings import Settings
 
 
 def create_app(settings: Settings | None = None) -> Flask:
-    from backend.api import auth, errors, routes
+    from backend.api import auth, errors, metrics, routes
+    from backend.api import page
     from backend.api.state import AppState
 
     settings = settings or Settings.from_env()
@@ -22,4 +23,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     auth.init_app(app, settings.basic_auth)
     errors.init_app(app)
     app.register_blueprint(routes.bp)
+    app.register_blueprint(page.bp)  # GET / in a browser: the status page; GET /dashboard: its JSON
+    metrics.init_app(app)  # GET /metrics, and the request / prediction / webhook counters
     return app

@@ -10,6 +10,7 @@ import redis
 from flask import Blueprint, jsonify, request
 
 from backend import __version__
+from backend.api import metrics
 from backend.api.state import state
 from backend.errors import BadRequest, ServiceUnavailable
 from backend.inference.predictor import BASE_VERSION
@@ -37,8 +38,7 @@ def json_body() -> dict:
     return body
 
 
-@bp.get("/")
-@bp.get("/health")
+@bp.get("/health")  # also GET / for clients that do not prefer HTML (backend/api/page.py)
 def health():
     app = state()
     starting = app.starting
@@ -91,6 +91,7 @@ def predict():
     started = time.perf_counter()
     results = state().predictor.predict(tasks, config, project)
     log.info("predicted %d task(s) for project %s in %.0f ms", len(tasks), project, 1000 * (time.perf_counter() - started))
+    metrics.count_predictions(project, results)
     return jsonify(results=results)
 
 
@@ -106,6 +107,7 @@ def webhook():
     action = body.get("action")
     if not isinstance(action, str) or not action:
         raise BadRequest("webhook payload has no 'action'")
+    metrics.count_webhook(action)
     if action != "START_TRAINING" and action not in ANNOTATION_EVENTS:
         return jsonify(status="ignored", action=action)
     project = project_id(body.get("project") or (body.get("annotation") or {}).get("project"))
@@ -140,7 +142,8 @@ def versions():
 
 
 VERSION_FIELDS = ("name", "active", "parent", "images", "new_images", "annotations", "classes", "mode", "steps",
-                  "losses", "quality", "duration_s", "published_at", "trained_annotations")
+                  "losses", "quality", "duration_s", "published_at", "trained_annotations", "validation", "held_back",
+                  "guard", "final", "session")
 
 
 @bp.post("/projects/<project>/rollback")
@@ -154,6 +157,22 @@ def rollback(project):
     if state().settings.rescore_on_publish:  # Label Studio's scores and model_version follow the served version
         rescore_after_publish(state().redis, project)
     return jsonify(status="ok", project=project, active=version)
+
+
+@bp.get("/projects/<project>/export")
+def export(project):
+    """The model as a .zip: ``?format=torchscript|onnx&version=<name>`` (default: the active version); see docs/export.md."""
+    from flask import Response
+
+    from backend.model_store.export import check_format, export_zip
+
+    project, settings = project_id(project), state().settings
+    fmt = check_format(request.args.get("format", ""))
+    data, filename = export_zip(settings.model_dir, project, request.args.get("version") or None, fmt,
+                                min_size=settings.min_size, score_threshold=settings.score_threshold,
+                                max_detections=settings.max_detections)
+    return Response(data, mimetype="application/zip",
+                    headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
 
 @bp.post("/projects/<project>/train")

@@ -39,6 +39,7 @@ from rq import get_current_job
 
 from backend.errors import BadRequest, LivetrainError
 from backend.inference.predictor import BASE_VERSION, RAW_SCORE_FLOOR, LoadedModel, Predictor, has_annotations
+from backend.jobs import counters
 from backend.jobs.connection import connect
 from backend.jobs.queue import rescore_queue
 from backend.jobs.state import ProjectState, ls_credentials, version_number
@@ -261,6 +262,7 @@ def _setup(settings: Settings, connection: redis.Redis, project: str, version: s
     control = parse_label_config(client.project(project)["label_config"]).primary
     fetcher = ImageFetcher(settings)
     fetcher.set_fallback(url, key)
+    fetcher.on_failure = counters.fetch_failure_hook(connection, "rescore")
     state, meta = VersionStore(settings.model_dir, project).load(version)
     if version_task(meta) != control.task:
         # e.g. the config moved from rectangles to polygons: boxes written under a polygon tag break the editor

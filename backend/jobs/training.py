@@ -25,6 +25,7 @@ import redis
 from rq import get_current_job
 
 from backend.errors import BadRequest, LivetrainError
+from backend.jobs import counters
 from backend.jobs.connection import connect
 from backend.jobs.queue import job_queue
 from backend.jobs.rescoring import rescore_after_publish
@@ -39,6 +40,7 @@ from backend.model_store.weights import StartingWeightsByTask
 from backend.settings import Settings
 from backend.training.dataset import TrainingSet
 from backend.training.session import SessionInputs, TrainingSession
+from backend.training.validation import split_records
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +150,7 @@ class _Feed:
         self.settings, self.state, self.project = settings, state, project
         self.training_set = TrainingSet(settings.model_dir, project)
         self.fetcher = ImageFetcher(settings)
+        self.fetcher.on_failure = counters.fetch_failure_hook(connection, "training")
         self.connection = connection
         self.client = None
         self.control = None
@@ -208,18 +211,21 @@ def _train(settings: Settings, connection: redis.Redis, state: ProjectState, pro
     feed.first_sync()
     training_set = feed.training_set
     records = training_set.ordered()
+    # MIN_ANNOTATIONS counts training images: the validation split (VALIDATION_FRACTION) is never trained on
+    training, validation = split_records(records, project, settings.validation_fraction)
     store = VersionStore(settings.model_dir, project)
     active = store.active()
-    state.set_status(labeled_images=len(records), active_version=active, title=feed.title)
-    if len(records) < settings.min_annotations:
-        state.set_status(state="idle", waiting=f"{len(records)}/{settings.min_annotations} labeled images before the first version")
+    state.set_status(labeled_images=len(records), validation_images=len(validation), active_version=active, title=feed.title)
+    if len(training) < settings.min_annotations:
+        held_out = f" ({len(validation)} more held out for validation)" if validation else ""
+        state.set_status(state="idle", waiting=f"{len(training)}/{settings.min_annotations} labeled images{held_out} before the first version")
         return {"published": None, "labeled_images": len(records)}
     task = feed.control.task if feed.control is not None else training_set.task
     active_meta = store.meta(active) if active else {}
     same_kind = active is not None and version_task(active_meta) == task
     trained = active_meta.get("trained_annotations", {}) if same_kind else {}
     checkpoint = store.root / "checkpoints" / "session.pt"
-    if trained == {str(r.task_id): r.updated_at for r in records} and not checkpoint.exists():
+    if trained == {str(r.task_id): r.updated_at for r in training} and not checkpoint.exists():
         state.set_status(state="idle", waiting=None)
         return {"published": None, "reason": "nothing changed since " + active}
     # Label Studio down: the labels are those of the active version plus any the synced annotations use
@@ -253,6 +259,7 @@ def _run(settings: Settings, connection: redis.Redis, state: ProjectState, proje
     started = last_activity = last_publish = last_status = time.monotonic()
     last_poll = 0.0
     checkpointed = session.steps
+    counted = counters.StepCounter(connection, project, session.steps)  # GET /metrics: livetrain_training_steps
     end = None
     state.set_status(state="training", waiting=None, session=session.status(), last_error=None)
     while end is None:
@@ -261,26 +268,28 @@ def _run(settings: Settings, connection: redis.Redis, state: ProjectState, proje
             last_poll = now
             if feed.poll():
                 records = feed.training_set.ordered()
-                changed = session.update(records)
+                before = len(session.sampler.records)
+                changed = session.update(records)  # training records only: the validation split stays out
                 _score_new(session, state, changed)
-                if changed or len(records) != len(session.sampler.records):
+                if changed or len(session.sampler.records) != before:
                     last_activity = now
                 if session.decay_at is not None and changed:  # new work: back to the constant rate
                     session.decay_at = None
-                state.set_status(labeled_images=len(records))
-                if len(records) < settings.min_annotations:
+                state.set_status(labeled_images=len(records), validation_images=len(session.validator.records))
+                if len(session.sampler.records) < settings.min_annotations:
                     end = "too few images"
                     break
         if now - last_status >= STATUS_SECONDS:
             last_status = now
             state.set_status(session=session.status())
+            counted.update(session.steps)
             point = session.loss_point()
             if point is not None:
                 state.add_loss(point)
             if job is not None:
                 job.meta["progress"] = session.status()
                 job.save_meta()
-            if session.store.active() != (session.versions[-1] if session.versions else session.parent):
+            if session.store.active() != session.active_name:
                 end = "rolled back"  # someone chose another version: train on from that one, in a new session
                 break
             if now - started >= settings.session_slice and _other_project_waits(connection, project):
@@ -310,6 +319,8 @@ def _run(settings: Settings, connection: redis.Redis, state: ProjectState, proje
         enqueue_training(connection, project, force=True)
     elif end != "rolled back":
         session.clear_checkpoint()
+    counted.update(session.steps)
+    counters.session_ended(connection, project, time.monotonic() - started)
     final = dict(session.status(), ended_at=time.time(), end_reason=end)
     state.set_status(state="idle", session=None, last_session=final, progress=None)
     log.info("project %s: session ended (%s) after %d steps, %d version(s)", project, end, session.steps,
@@ -320,11 +331,17 @@ def _run(settings: Settings, connection: redis.Redis, state: ProjectState, proje
 
 def _publish(settings: Settings, connection: redis.Redis, state: ProjectState, session: TrainingSession) -> None:
     name = session.publish()
+    counters.version_published(connection, session.inputs.project)
     meta = session.store.meta(name)
-    state.set_status(active_version=name, trained_images=meta["images"], last_error=None,
+    # the guard (backend/training/guard.py) may have held it back: then the active version stays (or reverts)
+    active = session.store.meta(session.active_name) if session.active_name != name else meta
+    extra = {"held_back": state.status().get("held_back", 0) + 1} if meta.get("held_back") else {}
+    state.set_status(active_version=session.active_name, trained_images=active["images"], last_error=None, **extra,
                      last_version={k: meta.get(k) for k in ("name", "parent", "images", "new_images", "annotations",
-                                                             "mode", "steps", "total_steps", "losses", "published_at")})
-    if settings.rescore_on_publish:  # fresh scores for Label Studio's uncertainty sampling; never fails training
+                                                             "mode", "steps", "total_steps", "losses", "published_at",
+                                                             "held_back", "guard", "validation")})
+    served_changed = meta.get("held_back") is None or session.last_verdict.revert_to is not None
+    if settings.rescore_on_publish and served_changed:  # fresh scores for Label Studio's uncertainty sampling; never fails training
         rescore_after_publish(connection, project=session.inputs.project)
 
 

@@ -135,6 +135,8 @@ class ImageFetcher:
         self._lock = threading.Lock()
         self._local = threading.local()  # a requests.Session per thread: Session is not documented thread-safe
         self._written_since_check = 0
+        # Called with each ImageError fetch() raises, for the metrics (GET /metrics); must not raise.
+        self.on_failure = None
         # PIL refuses images over its own process-wide limit inside Image.open; raise that limit to
         # ours so MAX_IMAGE_PIXELS is the setting that decides.
         if Image.MAX_IMAGE_PIXELS is not None and settings.max_image_pixels > Image.MAX_IMAGE_PIXELS:
@@ -252,11 +254,19 @@ class ImageFetcher:
 
     # -- decoding ---------------------------------------------------------------------------
     def fetch(self, url: str) -> Image.Image:
-        data = self.fetch_bytes(url)
         try:
-            return self._decode(url, data)
-        except ImageError:
-            self._cache_remove(self.resolve(url)[0])  # do not keep serving bytes that cannot be used
+            data = self.fetch_bytes(url)
+            try:
+                return self._decode(url, data)
+            except ImageError:
+                self._cache_remove(self.resolve(url)[0])  # do not keep serving bytes that cannot be used
+                raise
+        except ImageError as exc:
+            if self.on_failure is not None:
+                try:
+                    self.on_failure(exc)
+                except Exception:  # counting a failure must never change what the caller sees
+                    log.exception("image failure hook failed")
             raise
 
     def _decode(self, url: str, data: bytes) -> Image.Image:

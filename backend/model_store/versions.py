@@ -86,8 +86,10 @@ class VersionStore:
         numbers = [int(_NAME.match(n)["n"]) for n in self.names()]
         return f"{slug(prefix)}-v{max(numbers, default=0) + 1}"
 
-    def publish(self, state: dict, meta: dict, prefix: str, keep: int = 5) -> str:
-        """Write a new version atomically, make it active, prune old ones. Returns its name."""
+    def publish(self, state: dict, meta: dict, prefix: str, keep: int = 5, activate: bool = True,
+                protect=()) -> str:
+        """Write a new version atomically, make it active (unless not ``activate``: a version the guard held
+        back is kept but not served), prune old ones (never the active, the best or ``protect``). Returns its name."""
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.versions_dir, prefix=".tmp-"))
         try:
@@ -99,8 +101,9 @@ class VersionStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self.set_active(name)
-        self.prune(keep)
+        if activate:
+            self.set_active(name)
+        self.prune(keep, protect)
         return name
 
     def set_active(self, name: str) -> None:
@@ -119,9 +122,9 @@ class VersionStore:
         rated = [(q, n) for q, n in rated if isinstance(q, (int, float))]
         return max(rated)[1] if rated else None
 
-    def prune(self, keep: int) -> None:
+    def prune(self, keep: int, protect=()) -> None:
         names = self.names()
-        protected = set(names[-keep:]) | {self.active(), self.best()}
+        protected = set(names[-keep:]) | {self.active(), self.best()} | set(protect)
         for name in names:
             if name not in protected:
                 shutil.rmtree(self.versions_dir / name, ignore_errors=True)

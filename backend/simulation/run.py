@@ -6,6 +6,8 @@ import argparse
 import json
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
@@ -51,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="score the live model only: the offline training costs as much CPU as the session's")
     p.add_argument("--compare-with", type=Path, default=None, metavar="SIMULATION_JSONL",
                    help="a previous run's simulation.jsonl: its rolling mean is drawn dashed in the plot")
+    p.add_argument("--screenshot", type=Path, default=None, metavar="PNG",
+                   help="after the session, save a screenshot of the backend's status page (scripts/screenshot_status.py: "
+                        "playwright and Debian's chromium)")
     p.add_argument("--compare-label", default="before", help="legend label of --compare-with's curve")
 
 
@@ -100,6 +105,8 @@ def simulate(args: argparse.Namespace) -> int:
         ml_auth = (args.ml_user, args.ml_password) if args.ml_user and args.ml_password else None
         simulation = Simulation(config, LabelStudioAPI(url, token=key), ml_url, out, ml_auth=ml_auth)
         summary = simulation.run()
+        if args.screenshot:
+            screenshot(ml_url, args.screenshot, ml_auth)
         # the session has ended and its versions are on disk: stop Label Studio and a backend we started, so
         # that the offline training has the CPU to itself (a backend at --ml-url keeps running)
         stack.close()
@@ -108,6 +115,23 @@ def simulate(args: argparse.Namespace) -> int:
                                                   offline=not args.no_offline, torch_home=torch_home)
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def screenshot(ml_url: str, path: Path, auth) -> None:
+    """The status page as a browser sees it, with the session's plots (never fails the simulation)."""
+    script = Path(__file__).resolve().parents[2] / "scripts" / "screenshot_status.py"
+    command = [sys.executable, str(script), ml_url.rstrip("/") + "/", str(path), "--full-page", "--wait", "3"]
+    if auth:
+        command += ["--user", auth[0], "--password", auth[1]]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("no screenshot: %s", exc)
+        return
+    if done.returncode:
+        log.warning("no screenshot (%s): %s", done.returncode, done.stderr.strip()[-500:])
+    else:
+        log.info("status page screenshot: %s", path)
 
 
 def backend_settings(env: dict, model_dir: Path | None):

@@ -38,10 +38,12 @@ from backend.model_store.weights import StartingWeights
 from backend.settings import Settings
 from backend.training.data import ExampleCache
 from backend.training.engine import sgd, train_step
+from backend.training.guard import Guard
 from backend.training.modes import apply_mode, body_trainable, choose_mode, working_limit
 from backend.training.sampler import LiveSampler
 from backend.training.scoring import score_image
 from backend.training.transforms import augment, scale_jitter
+from backend.training.validation import ValidationSplit
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +99,11 @@ class TrainingSession:
         # what /predict serves now, for the live quality score of each new image (before training on it)
         self.served = self._eval_copy(model_from_version(*parent, settings.min_size)) if parent else None
         self.served_classes = tuple(meta.get("classes", ()))
+        self.active_name = self.parent  # the version served (and trained on from): the guard may hold new ones back
         scale_jitter(self.model, self.base_size)
         self.examples = ExampleCache(fetcher, inputs.task, working_limit(self.model))
+        self.validator = ValidationSplit(inputs.project, settings.validation_fraction, fetcher, inputs.task,
+                                         (self.base_size, self.model.transform.max_size))
         self.fetcher = fetcher
         self.sampler = LiveSampler(settings.new_fraction, settings.min_passes, seed=seed)
         # task id (str) -> the annotation's updated_at the model has trained on; a version lists these
@@ -117,10 +122,14 @@ class TrainingSession:
         self.step_time = {"heads": [0.0, 0], "full": [0.0, 0]}  # mode -> [seconds, steps]
         self.last_losses: dict[str, float] = {}
         self._point = [0.0, 0]  # loss sum and steps since the last loss_point()
+        self.guard = Guard(self)
+        self.last_verdict = None  # the guard's verdict on the last version published
 
     # -- data ------------------------------------------------------------------------------------
     def update(self, records: list[LabeledImage]) -> list[LabeledImage]:
-        """Take the training set as synced now; returns the records that are new or changed (in the next batch)."""
+        """Take the labeled set as synced now (the validation split is kept apart: ``training.validation``);
+        returns the training records that are new or changed (in the next batch)."""
+        records = self.validator.split(records)
         by_id = {r.task_id: r for r in records}
         changed = self.sampler.update(by_id)
         for task_id in list(self.trained):
@@ -136,7 +145,7 @@ class TrainingSession:
     def score(self, record: LabeledImage) -> tuple[str, Quality]:
         """(version, quality) of the pre-label the served version gives ``record`` (raises LivetrainError when
         its image cannot be loaded). Before the first version: the empty pre-label of ``livetrain-base``."""
-        version = self.versions[-1] if self.versions else (self.parent or BASE_VERSION)
+        version = self.active_name or BASE_VERSION
         quality = score_image(self.served, self.served_classes, record, self.fetcher, self.settings.score_threshold,
                               self.device, self.inputs.task, self.classes, limit=(self.base_size, 2 * self.base_size))
         return version, quality
@@ -156,6 +165,7 @@ class TrainingSession:
                 continue
             entries.append({"task": record.task_id, "time": round(time.time(), 3), "version": version,
                             "score": round(quality.score, 4), "counts": asdict(quality)})
+            self.guard.pair(self, record, version, quality.score)  # the live signal's paired score
             if version != BASE_VERSION and version in self.store.names():
                 meta = self.store.meta(version)
                 n = meta.get("quality_images", 0)
@@ -250,10 +260,11 @@ class TrainingSession:
 
     # -- versions --------------------------------------------------------------------------------
     def publish(self) -> str:
-        """Publish the model as it is now (atomically, as the active version); returns the version's name."""
+        """Publish the model as it is now (atomically; as the active version unless the guard holds it back,
+        ``training.guard``); returns the version's name."""
         records = self.sampler.records
         trained = dict(self.trained)
-        previous = self.versions[-1] if self.versions else self.parent
+        previous = self.active_name
         previous_trained = self.published_trained
         self.model.eval()
         base_sizes, self.model.transform.min_size = self.model.transform.min_size, (self.base_size,)
@@ -284,13 +295,22 @@ class TrainingSession:
                          "warmup_steps": self.settings.warmup_steps, "decay_steps": self.settings.decay_steps},
             "starting_weights": self.starting_source,
         }
-        name = self.store.publish(state_dict, meta, self.inputs.title, keep=self.settings.keep_versions)
+        validation = self.validator.evaluate(self.model, self.classes, self.base_size, self.device)
+        verdict = self.guard.decide(self, validation)
+        meta.update(guard=verdict.info, **({"validation": validation} if validation else {}),
+                    **({"held_back": verdict.held_back} if verdict.held_back else {}))
+        name = self.store.publish(state_dict, meta, self.inputs.title, keep=self.settings.keep_versions,
+                                  activate=verdict.accept, protect=self.guard.protected())
         self._last_publish_time = time.time()
         self.versions.append(name)
         self.published_trained = dict(trained)
         self.loss_sum, self.loss_steps = {}, 0
-        self.served = self._eval_copy(copy.deepcopy(self.model))
-        self.served_classes = self.classes
+        self.guard.settle(self, name, verdict, validation)  # held back: back to the active version's weights
+        self.last_verdict = verdict
+        if verdict.accept:
+            self.active_name = name
+            self.served = self._eval_copy(copy.deepcopy(self.model))
+            self.served_classes = self.classes
         log.info("project %s: published %s (%d images, %d new, %s mode, %d steps, loss %.3f)", self.inputs.project,
                  name, meta["images"], meta["new_images"], self.mode, meta["steps"], meta["losses"].get("loss", float("nan")))
         return name
@@ -307,7 +327,8 @@ class TrainingSession:
         """What /status shows of the session."""
         return {"id": self.id, "started_at": self.started, "steps": self.steps, "total_steps": self.total_steps, "mode": self.mode,
                 "phase": "decay" if self.decay_at is not None else "warmup" if self.steps - self.warm_from < self.settings.warmup_steps else "constant",
-                "images": len(self.sampler.records), "versions": len(self.versions), "lr": round(self.lr(), 6),
+                "images": len(self.sampler.records), "validation_images": len(self.validator.records),
+                "versions": len(self.versions), "lr": round(self.lr(), 6),
                 "loss": round(self.last_losses.get("loss", 0.0), 4),
                 "step_s": {mode: round(s / n, 3) if n else None for mode, (s, n) in self.step_time.items()},
                 "mode_steps": {mode: n for mode, (_, n) in self.step_time.items()}}
@@ -324,7 +345,7 @@ class TrainingSession:
         path = self.checkpoint_path
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        torch.save({"key": self._key(), "session": self.id, "base": self.versions[-1] if self.versions else self.parent,
+        torch.save({"key": self._key(), "session": self.id, "base": self.active_name,
                     "mode": self.mode, "model": self.model.state_dict(),
                     "optimizer": self.optimizer.state_dict(), "trained": self.trained,
                     "passes": {str(k): v for k, v in self.sampler.passes.items()},
