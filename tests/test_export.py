@@ -156,12 +156,24 @@ def test_route_serves_a_zip_and_rejects_bad_requests(boxes):
     client = app.test_client()
     reply = client.get(f"/projects/{PROJECT}/export?format=onnx&version=shapes-v1")
     assert reply.status_code == 200 and reply.mimetype == "application/zip"
-    assert 'filename="livetrain-7-shapes-v1-onnx.zip"' in reply.headers["Content-Disposition"]
+    assert reply.headers["Content-Disposition"] == "attachment; filename=livetrain-7-shapes-v1-onnx.zip"
     archive = zipfile.ZipFile(io.BytesIO(reply.data))
     assert sorted(archive.namelist()) == ["README.md", "config.json", "labels.json", "model.onnx"]
     assert json.loads(archive.read("config.json"))["onnx_opset"] == 17
     reply = client.get(f"/projects/{PROJECT}/export?format=torchscript")  # the active version
     assert reply.status_code == 200 and "model.torchscript.pt" in zipfile.ZipFile(io.BytesIO(reply.data)).namelist()
+    # built once per version and format: the second download is the cached file, not a new export
+    cached = sorted((settings.model_dir / PROJECT / "exports").glob("*.zip"))
+    assert sorted(p.name.split(".")[1] for p in cached) == ["onnx", "torchscript"]
+    stamps = {p: p.stat().st_mtime_ns for p in cached}
+    again = client.get(f"/projects/{PROJECT}/export?format=onnx&version=shapes-v1")
+    assert again.status_code == 200 and "model.onnx" in zipfile.ZipFile(io.BytesIO(again.data)).namelist()
+    assert {p: p.stat().st_mtime_ns for p in cached} == stamps
+    # a page on another site cannot make a browser start an export (nor POST a rollback)
+    assert client.get(f"/projects/{PROJECT}/export?format=onnx", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
+    assert client.post(f"/projects/{PROJECT}/rollback", json={"version": "shapes-v1"},
+                       headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
+    assert client.get(f"/projects/{PROJECT}/export?format=onnx", headers={"Sec-Fetch-Site": "same-origin"}).status_code == 200
     for query, status, words in [(f"/projects/{PROJECT}/export?format=tflite", 400, "unknown export format"),
                                  (f"/projects/{PROJECT}/export", 400, "torchscript, onnx"),
                                  (f"/projects/{PROJECT}/export?format=onnx&version=shapes-v9", 404, "no version 'shapes-v9'"),

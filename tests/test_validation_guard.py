@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from backend.errors import LivetrainError
 from backend.labelstudio.images import ImageFetcher
 from backend.model_store.models import model_from_version
 from backend.model_store.versions import VersionStore
@@ -31,6 +32,12 @@ from tests.test_training import LABELS, records_for, settings_for
 
 FRACTION = 0.3
 INPUTS = SessionInputs("1", "shapes", LABELS)
+
+
+@pytest.fixture(autouse=True)
+def small_split_decides(monkeypatch):
+    """These tests' splits hold ~5 images: let their mAP decide (the product waits for VALIDATION_MIN_IMAGES)."""
+    monkeypatch.setattr(guard_module, "VALIDATION_MIN_IMAGES", 3)
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +114,9 @@ def test_validation_tasks_never_reach_training(trained, tmp_path):
     assert {r.task_id for r in validation} == validation_ids(more) and len(train) + len(validation) == len(more)
     session.step()
     assert not {int(t) for t in session.trained} & validation_ids(more)
+    # never trained on, a validation task is not "new" either: a session start does not score it again
+    scored = {entry["task"] for entry in session.score_new(more)}
+    assert scored and not scored & validation_ids(more)
 
 
 # (b) validation mAP = pycocotools on the saved version's detections -----------------------------------
@@ -172,6 +182,11 @@ def test_guard_holds_back_a_worse_version_and_trains_on_from_the_active_weights(
     # the session went back to the active version's weights (fresh optimizer), and the next version is not worse
     active_state, _ = store.load(trained.v1)
     for name, value in session.model.state_dict().items():
+        assert torch.equal(value, active_state[name]), name
+    # ... and so does the checkpoint: a crash now resumes the active weights, not the rejected ones
+    saved = torch.load(session.checkpoint_path, weights_only=True)
+    assert saved["base"] == trained.v1
+    for name, value in saved["model"].items():
         assert torch.equal(value, active_state[name]), name
     same = session.publish()
     assert store.active() == same and "held_back" not in store.meta(same)
@@ -270,3 +285,26 @@ def test_a_mask_project_scores_box_and_mask_map_on_its_split(tmp_path, image_ser
     for kind in ("box", "mask"):
         assert 0.0 <= validation[kind]["map"] <= validation[kind]["map50"] <= 1.0
         assert set(validation[kind]["per_class"]) <= set(LABELS) and validation[kind]["per_class"]
+
+
+def test_a_validation_image_that_fails_to_load_does_not_end_the_session(trained, tmp_path, monkeypatch):
+    settings = copy_of(trained, tmp_path)
+    session = session_on(trained, settings)
+    broken = min(session.validator.records)
+
+    def load(record, classes, _real=session.validator.cache.load):
+        if record.task_id == broken:
+            raise LivetrainError("image gone")
+        return _real(record, classes)
+
+    monkeypatch.setattr(session.validator.cache, "load", load)
+    meta = session.store.meta(session.publish())
+    assert meta["validation"]["images"] == len(session.validator.records) - 1  # scored without it
+    assert meta["validation"]["digest"] != session.validator.digest()  # names the images actually scored
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("pycocotools exploded")
+
+    monkeypatch.setattr(session.validator, "evaluate", fail)
+    name = session.publish()  # published unguarded, the session goes on
+    assert session.store.active() == name and "guard failed" in session.store.meta(name)["guard"]["reason"]

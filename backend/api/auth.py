@@ -14,6 +14,18 @@ from flask import Flask, jsonify, request
 
 
 def init_app(app: Flask, credentials: tuple[str, str] | None) -> None:
+    @app.before_request
+    def refuse_cross_site():
+        # The status page has browsers keep the Basic credentials (or auth is off): a page on another site
+        # could then make a browser POST a rollback or train, or start an export, with a plain form or <img>.
+        # Browsers say where a request comes from in Sec-Fetch-Site; Label Studio (a server) sends none.
+        if request.headers.get("Sec-Fetch-Site") == "cross-site" and (
+                request.method not in ("GET", "HEAD") or request.path.endswith("/export")):
+            response = jsonify(error="cross-site requests are refused: call this backend from its own page or a server")
+            response.status_code = 403
+            return response
+        return None
+
     if not credentials:
         return
     user, password = credentials

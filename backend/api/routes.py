@@ -162,17 +162,16 @@ def rollback(project):
 @bp.get("/projects/<project>/export")
 def export(project):
     """The model as a .zip: ``?format=torchscript|onnx&version=<name>`` (default: the active version); see docs/export.md."""
-    from flask import Response
+    from flask import send_file
 
     from backend.model_store.export import check_format, export_zip
 
     project, settings = project_id(project), state().settings
     fmt = check_format(request.args.get("format", ""))
-    data, filename = export_zip(settings.model_dir, project, request.args.get("version") or None, fmt,
+    path, filename = export_zip(settings.model_dir, project, request.args.get("version") or None, fmt,
                                 min_size=settings.min_size, score_threshold=settings.score_threshold,
                                 max_detections=settings.max_detections)
-    return Response(data, mimetype="application/zip",
-                    headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+    return send_file(path, mimetype="application/zip", as_attachment=True, download_name=filename)
 
 
 @bp.post("/projects/<project>/train")

@@ -162,7 +162,7 @@ def resolve_version(model_dir: Path, project: str, version: str | None) -> tuple
     store = VersionStore(model_dir, str(project))
     names = store.names()
     if not names:
-        raise NotFound(f"project {project} has no model versions under {store.root}")
+        raise NotFound(f"project {project} has no model versions")
     name = version or store.active()
     if name is None:
         raise NotFound(f"project {project} has no active version; pass one of: {', '.join(names)}")
@@ -312,17 +312,37 @@ gives close but not identical results.
 """
 
 
-def export_zip(model_dir: Path, project: str, version: str | None, fmt: str, **options) -> tuple[bytes, str]:
-    """The artifact as a .zip (files at its top level) and a safe file name for it."""
-    import io
+def export_zip(model_dir: Path, project: str, version: str | None, fmt: str, **options) -> tuple[Path, str]:
+    """The artifact as a .zip (files at its top level) and a safe file name for it. A version never changes
+    once published, so the zip is built once per (version, format, options) under
+    ``MODEL_DIR/<project>/exports/`` and served from there (an export takes seconds of CPU); zips of pruned
+    versions are removed."""
+    import hashlib
+    import os
     import tempfile
     import zipfile
 
+    store, name = resolve_version(model_dir, project, version)
+    cache = store.root / "exports"
+    key = hashlib.sha1(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    path = cache / f"{name}.{fmt}.{key}.zip"
+    filename = f"{safe_name(f'livetrain-{project}-{name}-{fmt}')}.zip"
+    if path.is_file():
+        return path, filename
+    cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="livetrain-export-") as tmp:
-        out = export_version(model_dir, project, version, fmt, Path(tmp), **options)
-        name = json.loads((out / "config.json").read_text())["version"]
-        buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
-            for path in sorted(out.iterdir()):
-                archive.write(path, path.name)
-    return buf.getvalue(), f"{safe_name(f'livetrain-{project}-{name}-{fmt}')}.zip"
+        out = export_version(model_dir, project, name, fmt, Path(tmp), **options)
+        fd, partial = tempfile.mkstemp(dir=cache, prefix=".tmp-", suffix=".zip")
+        try:
+            with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED) as archive:
+                for item in sorted(out.iterdir()):
+                    archive.write(item, item.name)
+            os.replace(partial, path)  # atomic: a concurrent download sees the whole zip or builds its own
+        except BaseException:
+            Path(partial).unlink(missing_ok=True)
+            raise
+    known = set(store.names())
+    for old in cache.glob("*.zip"):
+        if old.name.split(".", 1)[0] not in known:
+            old.unlink(missing_ok=True)
+    return path, filename

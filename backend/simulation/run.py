@@ -121,10 +121,11 @@ def screenshot(ml_url: str, path: Path, auth) -> None:
     """The status page as a browser sees it, with the session's plots (never fails the simulation)."""
     script = Path(__file__).resolve().parents[2] / "scripts" / "screenshot_status.py"
     command = [sys.executable, str(script), ml_url.rstrip("/") + "/", str(path), "--full-page", "--wait", "3"]
-    if auth:
-        command += ["--user", auth[0], "--password", auth[1]]
+    env = dict(os.environ)
+    if auth:  # through the environment: a password on a command line shows in ps
+        env.update(BASIC_AUTH_USER=auth[0], BASIC_AUTH_PASS=auth[1])
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
     except (OSError, subprocess.TimeoutExpired) as exc:
         log.warning("no screenshot: %s", exc)
         return

@@ -4,7 +4,8 @@ marked ``held_back`` in its meta (reason, signal, value, active_value), and the 
 active version's weights (reloaded into its model, fresh optimizer and warm-up, the sampler kept; the
 images only the held-back weights had learned count as untrained again).
 
-**Signal 1: the validation split** (VALIDATION_FRACTION > 0, once it is scored: ``training.validation``).
+**Signal 1: the validation split** (VALIDATION_FRACTION > 0, once it holds VALIDATION_MIN_IMAGES scored
+images: ``training.validation``; a smaller split's mAP is recorded but the live signal decides).
 At publish the candidate's validation mAP (segm mAP for mask projects, else box mAP) is compared with
 the active version's on the *same* images: the active's meta is reused when it was scored on a split with
 the same digest, else the served (active) model is scored on the current split (in memory, once per split).
@@ -13,7 +14,7 @@ the same digest, else the served (active) model is scored on the current split (
 after it was published, so they test it honestly; but each version serves only the few images that arrive
 in its ~10 s, and different images differ in difficulty. So the guard keeps a *baseline*: the last version
 it confirmed (at a session start, the active version, or the baseline the active's meta names while it
-is on probation). Versions published after it are activated *provisionally*. Every new image is scored
+is on probation; in a project's first session, its first version). Versions published after it are activated *provisionally*. Every new image is scored
 before training by the served version (the live quality score) and also by the baseline, neither having
 seen it: a pair. Once LIVE_WINDOW pairs are in, the next publish decides: if the served versions' mean is
 below the baseline's by more than GUARD_MARGIN, the candidate is held back, ACTIVE reverts to the
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 # ~0.1 between versions of equal skill; the mean of 10 pairs by ~0.03, so a revert at GUARD_MARGIN 0.05 is
 # rarely noise (each revert throws away the training since the baseline).
 LIVE_WINDOW = 10
+# Validation images before their mAP decides (it is recorded from 3): one image more or less found moves a
+# 3-image mAP by far more than GUARD_MARGIN.
+VALIDATION_MIN_IMAGES = 10
 
 
 @dataclass
@@ -73,6 +77,13 @@ class Guard:
                 self.baseline_model = session._eval_copy(model_from_version(state, meta, settings.min_size))
                 self.pairs = [list(p) for p in live.get("pairs", [])]
 
+    def adopt_first(self, session) -> None:
+        """After a project's first version went live: it is the baseline later versions are paired with."""
+        if self.enabled and self.baseline is None and session.active_name:
+            self.baseline, self.baseline_model = session.active_name, session.served
+            self.baseline_classes = session.served_classes
+            self.pairs = []
+
     def protected(self) -> set[str]:
         return {self.baseline} if self.baseline else set()
 
@@ -97,8 +108,11 @@ class Guard:
         if active is None:
             return Verdict(True, {"signal": "none", "verdict": "accepted", "reason": "no active version to compare with"})
         head = headline(validation, self.task)
+        if head is not None and validation["images"] < VALIDATION_MIN_IMAGES:
+            head = None  # a few images' mAP is noise: the live signal decides until the split has grown
         self.uses_validation = head is not None
         if head is not None:
+            self.pairs = []  # the live window, if any, is stale once validation decides
             metric, value = head
             active_value = self._active_value(session, validation)
             info = {"signal": "validation", "metric": metric, "value": value, "active": active,

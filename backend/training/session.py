@@ -38,7 +38,7 @@ from backend.model_store.weights import StartingWeights
 from backend.settings import Settings
 from backend.training.data import ExampleCache
 from backend.training.engine import sgd, train_step
-from backend.training.guard import Guard
+from backend.training.guard import Guard, Verdict
 from backend.training.modes import apply_mode, body_trainable, choose_mode, working_limit
 from backend.training.sampler import LiveSampler
 from backend.training.scoring import score_image
@@ -156,7 +156,9 @@ class TrainingSession:
         version, score, category counts) for the project's live quality series."""
         entries = []
         for record in records:
-            if not self.is_new(record):
+            # a validation task is never trained on, so it would count as new in every session: its pre-label
+            # quality shows in the versions' validation mAP instead
+            if not self.is_new(record) or record.task_id in self.validator.records:
                 continue
             try:
                 version, quality = self.score(record)
@@ -165,7 +167,10 @@ class TrainingSession:
                 continue
             entries.append({"task": record.task_id, "time": round(time.time(), 3), "version": version,
                             "score": round(quality.score, 4), "counts": asdict(quality)})
-            self.guard.pair(self, record, version, quality.score)  # the live signal's paired score
+            try:
+                self.guard.pair(self, record, version, quality.score)  # the live signal's paired score
+            except LivetrainError as exc:  # the image failed on its second load: no pair, the session goes on
+                log.info("task %s not paired for the guard: %s", record.task_id, exc.message)
             if version != BASE_VERSION and version in self.store.names():
                 meta = self.store.meta(version)
                 n = meta.get("quality_images", 0)
@@ -295,12 +300,18 @@ class TrainingSession:
                          "warmup_steps": self.settings.warmup_steps, "decay_steps": self.settings.decay_steps},
             "starting_weights": self.starting_source,
         }
-        validation = self.validator.evaluate(self.model, self.classes, self.base_size, self.device)
-        verdict = self.guard.decide(self, validation)
+        try:
+            validation = self.validator.evaluate(self.model, self.classes, self.base_size, self.device)
+            verdict = self.guard.decide(self, validation)
+        except Exception as exc:  # an evaluation failure must not end the session or lose the version
+            log.exception("project %s: validation / guard failed; publishing unguarded", self.inputs.project)
+            validation, verdict = None, Verdict(True, {"signal": "none", "verdict": "accepted",
+                                                       "reason": f"guard failed: {type(exc).__name__}: {exc}"})
         meta.update(guard=verdict.info, **({"validation": validation} if validation else {}),
                     **({"held_back": verdict.held_back} if verdict.held_back else {}))
         name = self.store.publish(state_dict, meta, self.inputs.title, keep=self.settings.keep_versions,
-                                  activate=verdict.accept, protect=self.guard.protected())
+                                  activate=verdict.accept,
+                                  protect=self.guard.protected() | {n for n in (self.active_name,) if n})
         self._last_publish_time = time.time()
         self.versions.append(name)
         self.published_trained = dict(trained)
@@ -311,6 +322,9 @@ class TrainingSession:
             self.active_name = name
             self.served = self._eval_copy(copy.deepcopy(self.model))
             self.served_classes = self.classes
+            self.guard.adopt_first(self)  # a project's first version: the baseline of the live signal
+        else:  # the checkpoint holds the weights the guard rejected: a crash now would resume them
+            self.checkpoint()
         log.info("project %s: published %s (%d images, %d new, %s mode, %d steps, loss %.3f)", self.inputs.project,
                  name, meta["images"], meta["new_images"], self.mode, meta["steps"], meta["losses"].get("loss", float("nan")))
         return name

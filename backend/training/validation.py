@@ -118,9 +118,10 @@ class ValidationSplit:
         self.records = current
         return train
 
-    def digest(self) -> str:
-        """Names the split's content (tasks and annotation times): equal digests, comparable numbers."""
-        text = ";".join(f"{t}:{r.updated_at}" for t, r in sorted(self.records.items()))
+    def digest(self, scored: set[int] | None = None) -> str:
+        """Names the split's content (tasks and annotation times; only ``scored`` ones when given): equal
+        digests, comparable numbers."""
+        text = ";".join(f"{t}:{r.updated_at}" for t, r in sorted(self.records.items()) if scored is None or t in scored)
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
     def examples(self, classes: tuple[str, ...]) -> list[tuple[int, torch.Tensor, dict]]:
@@ -142,7 +143,9 @@ class ValidationSplit:
             return None
         examples = self.examples(classes)
         objects = sum(len(target["labels"]) for _, _, target in examples)
-        info = {"images": len(examples), "objects": objects, "digest": self.digest()}
+        # the digest names the images actually scored (one that failed to load is not among them)
+        info = {"images": len(examples), "objects": objects,
+                "digest": self.digest({task_id for task_id, _, _ in examples})}
         if len(examples) < MIN_IMAGES or not objects:
             return dict(info, note=f"scored from {MIN_IMAGES} validation images with at least one object")
         with at_base_size(model, base_size):
