@@ -95,9 +95,9 @@ def worker(args: argparse.Namespace) -> int:
 
 
 def versions(args: argparse.Namespace) -> int:
-    from backend.model_store.versions import VersionStore
+    from backend.model_store.stores import version_store
 
-    store = VersionStore(Settings.from_env().model_dir, args.project)
+    store = version_store(Settings.from_env(), args.project)
     for meta in store.list():
         mark = "*" if meta["active"] else " "
         quality = f"{meta['quality']:.3f}" if isinstance(meta.get("quality"), float) else "-"
@@ -134,7 +134,7 @@ def export(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     try:
-        out = export_version(settings.model_dir, args.project, args.version, args.format, args.out,
+        out = export_version(settings, args.project, args.version, args.format, args.out,
                              min_size=settings.min_size, score_threshold=settings.score_threshold,
                              max_detections=settings.max_detections)
         print(f"exported to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
@@ -142,7 +142,7 @@ def export(args: argparse.Namespace) -> int:
             return 0
         images = ({path: Image.open(path).convert("RGB") for path in args.check} if args.check
                   else sample_images(settings.image_cache_dir))
-        report = check_export(out, settings.model_dir, images, settings.min_size)
+        report = check_export(out, settings, images, settings.min_size)
     except (LivetrainError, OSError) as exc:
         print(f"livetrain: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 1

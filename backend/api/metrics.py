@@ -31,7 +31,7 @@ from backend.jobs import counters
 from backend.jobs.connection import redis_url_for
 from backend.jobs.queue import job_queue, rescore_queue
 from backend.jobs.state import ProjectState, known_projects, version_number
-from backend.model_store.versions import VersionStore
+from backend.model_store.stores import list_projects, version_store
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -253,23 +253,25 @@ class LivetrainCollector:
         validation = GaugeMetricFamily("livetrain_validation_map",
                                        "The active version's mAP on the validation split (kind: box, mask; metric: "
                                        "map, map50).", labels=["project", "kind", "metric"])
-        model_dir = self.settings.model_dir
-        for path in sorted(model_dir.glob("*")) if model_dir.is_dir() else ():
-            if not (path / "ACTIVE").is_file():
-                continue
+        try:
+            projects = list_projects(self.settings)
+        except OSError as exc:  # the object store unreachable: the next scrape retries
+            log.warning("metrics: cannot list the projects in the version store: %s", exc)
+            projects = []
+        for project in projects:
             try:
-                store = VersionStore(model_dir, path.name)
+                store = version_store(self.settings, project)
                 name = store.active()
                 if name is None:
                     continue
                 meta = store.meta(name)
             except (OSError, ValueError) as exc:  # a version pruned or written under us: the next scrape sees it
-                log.debug("metrics: could not read project %s's active version: %s", path.name, exc)
+                log.debug("metrics: could not read project %s's active version: %s", project, exc)
                 continue
-            active.add_metric([path.name], version_number(name))
-            info.add_metric([path.name, name], 1)
+            active.add_metric([project], version_number(name))
+            info.add_metric([project, name], 1)
             for kind, metric, value in _validation_scores(meta):
-                validation.add_metric([path.name, kind, metric], value)
+                validation.add_metric([project, kind, metric], value)
         yield active
         yield info
         yield validation

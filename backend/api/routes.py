@@ -21,7 +21,7 @@ from backend.jobs.state import ProjectState, known_projects, save_ls_fallback
 from backend.jobs.training import enqueue_training, rollback_to
 from backend.labelstudio.label_config import parse_label_config
 from backend.labelstudio.protocol import project_id
-from backend.model_store.versions import VersionStore
+from backend.model_store.stores import list_projects, version_store
 
 log = logging.getLogger(__name__)
 bp = Blueprint("livetrain", __name__)
@@ -46,7 +46,7 @@ def health():
         status="UP",
         model_class=starting.arch,
         model_version=BASE_VERSION,
-        active_versions=active_versions(app.settings.model_dir),
+        active_versions=active_versions(app.settings),
         pretrained=starting.pretrained,
         weights_source=starting.source,
         weights_detail=starting.detail,
@@ -63,8 +63,14 @@ def _weights_summary(starting) -> dict:
             "warnings": list(starting.warnings)}
 
 
-def active_versions(model_dir) -> dict:
-    return {p.name: VersionStore(model_dir, p.name).active() for p in sorted(model_dir.glob("*")) if (p / "ACTIVE").is_file()}
+def active_versions(settings) -> dict:
+    """Project -> its active version, for the projects that have one (MODEL_DIR or MODEL_STORE)."""
+    try:
+        found = {p: version_store(settings, p).active() for p in list_projects(settings)}
+    except OSError as exc:  # the object store unreachable: the web process still serves what it has loaded
+        log.warning("cannot read the active versions: %s", exc)
+        return {}
+    return {p: name for p, name in found.items() if name is not None}
 
 
 @bp.post("/setup")
@@ -130,12 +136,12 @@ def webhook():
 def versions():
     """``{"versions": [...]}`` for Label Studio (every project's, newest last); ``?project=ID`` for one,
     with ``details`` (meta of each version, which one is active)."""
-    model_dir = state().settings.model_dir
+    settings = state().settings
     wanted = request.args.get("project")
-    projects = [project_id(wanted)] if wanted else sorted(p.name for p in model_dir.glob("*") if (p / "versions").is_dir())
+    projects = [project_id(wanted)] if wanted else list_projects(settings)
     names, details = [BASE_VERSION], {}
     for project in projects:
-        listed = VersionStore(model_dir, project).list()
+        listed = version_store(settings, project).list()
         names += [v["name"] for v in listed]
         details[project] = [{k: v.get(k) for k in VERSION_FIELDS} for v in listed]
     return jsonify(versions=names, details=details)
@@ -168,7 +174,7 @@ def export(project):
 
     project, settings = project_id(project), state().settings
     fmt = check_format(request.args.get("format", ""))
-    path, filename = export_zip(settings.model_dir, project, request.args.get("version") or None, fmt,
+    path, filename = export_zip(settings, project, request.args.get("version") or None, fmt,
                                 min_size=settings.min_size, score_threshold=settings.score_threshold,
                                 max_detections=settings.max_detections)
     return send_file(path, mimetype="application/zip", as_attachment=True, download_name=filename)
@@ -203,7 +209,7 @@ def complete(project):
     Poll ``GET /jobs/<job>`` (or ``/status``) for progress."""
     project = project_id(project)
     options = complete_options(json_body())
-    if VersionStore(state().settings.model_dir, project).active() is None:
+    if version_store(state().settings, project).active() is None:
         raise BadRequest(f"project {project} has no model version yet: label "
                          f"{state().settings.min_annotations} images first")
     try:

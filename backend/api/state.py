@@ -9,8 +9,8 @@ from flask import current_app
 from backend.jobs.connection import connect
 
 from backend.inference.predictor import ModelPool, Predictor
-from backend.model_store.models import pick_device
 from backend.labelstudio.images import ImageFetcher
+from backend.model_store.stores import version_store
 from backend.model_store.weights import StartingWeights, StartingWeightsByTask
 from backend.settings import Settings
 
@@ -33,7 +33,9 @@ class AppState:
         starting_for = StartingWeightsByTask(settings)
         starting_for("boxes"), starting_for("masks")  # resolved now: /health reports both, requests never wait
         fetcher = ImageFetcher(settings)
-        pool = ModelPool(starting_for, settings.model_dir, pick_device(settings.device), settings.min_size)
+        # the device setting, not pick_device(): CUDA must not be asked anything before gunicorn forks (ModelPool.device)
+        pool = ModelPool(starting_for, settings.model_dir, settings.serving_device, settings.min_size,
+                         capacity=settings.max_loaded_models, store=lambda project: version_store(settings, project))
         predictor = Predictor.from_settings(pool, fetcher, settings)
         return cls(settings, starting_for, fetcher, predictor, connect(settings))
 

@@ -21,7 +21,7 @@ from backend.inference.uncertainty import detect_and_score
 from backend.labelstudio.convert import box_to_region, image_to_tensor, mask_to_regions, shrink
 from backend.labelstudio.images import ImageFetcher
 from backend.labelstudio.label_config import ControlTag, LabelConfig
-from backend.model_store.models import model_from_version, size_kwargs, version_task
+from backend.model_store.models import model_from_version, pick_device, size_kwargs, version_task
 from backend.model_store.versions import BASE_VERSION, VersionStore
 from backend.model_store.weights import StartingWeights
 
@@ -56,13 +56,19 @@ class ModelPool:
     and nothing otherwise: an untrained head's boxes would only be noise to delete. A background thread
     checks each project's ACTIVE marker every REFRESH_SECONDS and swaps in a new version, so requests
     never wait for a reload.
+
+    At most ``capacity`` (MAX_LOADED_MODELS) projects are held, least recently used dropped first (before
+    the next one is loaded, so never more are resident); a dropped project is loaded again by its next
+    request. The refresh thread only looks at the projects held: it neither keeps nor reloads dropped ones.
     """
 
-    def __init__(self, starting: Callable[[str], StartingWeights], model_dir: Path, device: torch.device,
-                 min_size: int = 0, capacity: int = 8):
+    def __init__(self, starting: Callable[[str], StartingWeights], model_dir: Path, device: torch.device | str,
+                 min_size: int = 0, capacity: int = 8, store: Callable[[str], VersionStore] | None = None):
         self.starting = starting  # task kind -> the starting weights of that kind
         self.model_dir = Path(model_dir)
-        self.device = device
+        # project -> its VersionStore (backend.model_store.stores.version_store: MODEL_DIR or MODEL_STORE)
+        self.store = store or (lambda project: VersionStore(self.model_dir, project))
+        self._device = device  # a DEVICE setting (auto/cpu/cuda) is resolved at the first load: see ``device``
         self.min_size = min_size
         self.capacity = capacity
         self.loader = self.load_latest  # (project, control) -> LoadedModel | None; tests may swap it
@@ -78,18 +84,34 @@ class ModelPool:
                 if entry.loaded is None or entry.loaded.version == BASE_VERSION or entry.control.task != control.task:
                     entry = None
             if entry is None:
+                self._entries.pop(project, None)
+                while len(self._entries) >= max(1, self.capacity):  # drop first: never capacity + 1 resident
+                    evicted, _ = self._entries.popitem(last=False)
+                    log.info("project %s: model dropped from memory (MAX_LOADED_MODELS=%d)", evicted, self.capacity)
                 entry = self._load(project, control)
                 self._entries[project] = entry
-                while len(self._entries) > self.capacity:
-                    self._entries.popitem(last=False)
             self._entries.move_to_end(project)
             if self._refresher is None:
                 self._refresher = threading.Thread(target=self._refresh_forever, name="model-refresh", daemon=True)
                 self._refresher.start()
             return entry.loaded
 
+    def loaded(self) -> list[str]:
+        """The projects whose model is in memory, least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+    @property
+    def device(self) -> torch.device:
+        """Where served models run. Resolved lazily, at the first load in the serving process: gunicorn forks
+        its workers after the app factory ran (with --preload) and asking CUDA anything before a fork, even
+        ``torch.cuda.is_available()`` (it calls cuInit), leaves CUDA unusable in the children."""
+        if not isinstance(self._device, torch.device):
+            self._device = pick_device(self._device)
+        return self._device
+
     def _load(self, project: str, control: ControlTag) -> _Entry:
-        marker = VersionStore(self.model_dir, project).marker()
+        marker = self.store(project).marker()
         loaded = self.loader(project, control)
         if loaded is not None:
             if hasattr(loaded.model, "roi_heads"):
@@ -98,7 +120,7 @@ class ModelPool:
         return _Entry(loaded, marker, control)
 
     def load_latest(self, project: str, control: ControlTag) -> LoadedModel | None:
-        store = VersionStore(self.model_dir, project)
+        store = self.store(project)
         name = store.active()
         if name is not None:
             state, meta = store.load(name)
@@ -115,19 +137,26 @@ class ModelPool:
 
     def refresh(self) -> None:
         """Reload every project whose ACTIVE version changed since it was loaded."""
-        with self._lock:
-            entries = list(self._entries.items())
-        for project, entry in entries:
-            if VersionStore(self.model_dir, project).marker() == entry.marker:
+        with self._lock:  # (project, marker, control) only: holding the entries would keep dropped models alive
+            held = [(project, entry.marker, entry.control) for project, entry in self._entries.items()]
+        for project, marker, control in held:
+            if self.store(project).marker() == marker:
                 continue
+            with self._lock:
+                current = self._entries.get(project)
+            if current is None or current.marker != marker:  # dropped (LRU) or reloaded meanwhile: not ours to load
+                continue
+            del current
             try:
-                fresh = self._load(project, entry.control)
+                fresh = self._load(project, control)
             except Exception:  # a version deleted under us, a disk hiccup: keep serving, retry next time
                 log.exception("project %s: reloading the active version failed", project)
                 continue
             with self._lock:
-                if project in self._entries:
-                    self._entries[project] = fresh
+                current = self._entries.get(project)
+                if current is not None and current.marker == marker and current.control == control:
+                    self._entries[project] = fresh  # in place: its LRU position stays
+            del current, fresh
 
     def _refresh_forever(self) -> None:
         while True:
@@ -173,7 +202,7 @@ class Predictor:
     def version(self, project: str, control: ControlTag | None = None) -> str:
         """The version /predict serves the project: its active one, unless that predicts another kind than
         ``control`` asks for (the config moved between boxes and masks), then the base."""
-        store = VersionStore(self.pool.model_dir, project)
+        store = self.pool.store(project)
         name = store.active()
         if name is None or (control is not None and version_task(store.meta(name)) != control.task):
             return BASE_VERSION

@@ -47,7 +47,7 @@ from backend.labelstudio.client import LabelStudioClient, LabelStudioError, Labe
 from backend.labelstudio.images import ImageFetcher
 from backend.labelstudio.label_config import parse_label_config
 from backend.model_store.models import model_from_version, pick_device, version_task
-from backend.model_store.versions import VersionStore
+from backend.model_store.stores import version_store
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -263,7 +263,7 @@ def _setup(settings: Settings, connection: redis.Redis, project: str, version: s
     fetcher = ImageFetcher(settings)
     fetcher.set_fallback(url, key)
     fetcher.on_failure = counters.fetch_failure_hook(connection, "rescore")
-    state, meta = VersionStore(settings.model_dir, project).load(version)
+    state, meta = version_store(settings, project).load(version)
     if version_task(meta) != control.task:
         # e.g. the config moved from rectangles to polygons: boxes written under a polygon tag break the editor
         raise LivetrainError(f"version {version} predicts {version_task(meta)} but the project's label config "
@@ -295,7 +295,7 @@ def rescore_project(project: str, attempt: int = 0) -> dict:
     job = get_current_job()
     if job is not None and connection.get(state.rescore_pending_key) == job.id.encode():
         connection.delete(state.rescore_pending_key)
-    store = VersionStore(settings.model_dir, project)
+    store = version_store(settings, project)
     version = store.active()
     run = Run("rescore", project, version or "", state)
     if version is None:
@@ -337,7 +337,7 @@ def complete_tasks(project: str, options: dict, attempt: int = 0) -> dict:
     settings = Settings.from_env()
     connection = connect(settings)
     state = ProjectState(connection, project)
-    version = VersionStore(settings.model_dir, project).active()
+    version = version_store(settings, project).active()
     run = Run("complete", project, version or "", state)
     if version is None:
         run.report("error", error="no model version yet: label a few images first (MIN_ANNOTATIONS)")

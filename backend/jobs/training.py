@@ -35,7 +35,7 @@ from backend.labelstudio.client import LabelStudioClient, LabelStudioUnavailable
 from backend.labelstudio.images import ImageFetcher
 from backend.labelstudio.label_config import parse_label_config
 from backend.model_store.models import pick_device, version_task
-from backend.model_store.versions import VersionStore
+from backend.model_store.stores import version_store
 from backend.model_store.weights import StartingWeightsByTask
 from backend.settings import Settings
 from backend.training.dataset import TrainingSet
@@ -114,7 +114,9 @@ def train_project(project: str) -> dict:
     # renews its lock; a dead one's expires within LOCK_TTL: waiting a little longer tells the two apart.
     lock = connection.lock(state.lock_key, timeout=settings.lock_ttl, blocking_timeout=2 * settings.lock_ttl + 5,
                            thread_local=False)
-    acquired = lock.acquire()
+    # the token names the job holding the lock (unique: job ids carry a uuid), so /status or a test can tell which
+    # worker trains the project (job.worker_name)
+    acquired = lock.acquire(token=this_job.id if this_job is not None else None)
     if this_job is not None and connection.get(state.pending_key) == this_job.id.encode():
         connection.delete(state.pending_key)  # only now: until here a webhook sees a job pending
     if not acquired:  # another session runs for this project: it takes the marks in
@@ -213,7 +215,7 @@ def _train(settings: Settings, connection: redis.Redis, state: ProjectState, pro
     records = training_set.ordered()
     # MIN_ANNOTATIONS counts training images: the validation split (VALIDATION_FRACTION) is never trained on
     training, validation = split_records(records, project, settings.validation_fraction)
-    store = VersionStore(settings.model_dir, project)
+    store = version_store(settings, project)
     active = store.active()
     state.set_status(labeled_images=len(records), validation_images=len(validation), active_version=active, title=feed.title)
     if len(training) < settings.min_annotations:
@@ -348,7 +350,7 @@ def _publish(settings: Settings, connection: redis.Redis, state: ProjectState, s
 def rollback_to(settings: Settings, project: str, version: str) -> None:
     """Make ``version`` the one served (and trained from), refusing a version of the other kind (boxes vs
     masks) than the project's label config now asks for: it would be neither served nor trained from."""
-    store = VersionStore(settings.model_dir, project)
+    store = version_store(settings, project)
     if version in store.names():
         training_set = TrainingSet(settings.model_dir, project)
         kind = version_task(store.meta(version))

@@ -12,6 +12,10 @@ TRAIN_THREADS torch threads, the re-scorer RESCORE_NICE lower with RESCORE_THREA
 the niceness ``livetrain worker`` started with. RQ runs each job in a forked work horse: it inherits the
 niceness, and the torch thread count is set again in it (cheap, and certain whatever the OpenMP runtime
 does across fork).
+
+CUDA: this parent process never touches it (not even ``torch.cuda.is_available()``, which calls cuInit):
+CUDA does not survive a fork, so each work horse picks its device (DEVICE) and initialises CUDA itself.
+``fork_work_horse`` logs an error if something broke that rule.
 """
 
 from __future__ import annotations
@@ -45,6 +49,12 @@ class LivetrainWorker(Worker):
 
     torch_threads: int = 1
     companion: "RescoreWorkerChild | None" = None
+
+    def fork_work_horse(self, job, queue):
+        if torch.cuda.is_initialized():  # a flag, no CUDA call: the horse could not use the GPU
+            log.error("CUDA was initialised in the worker process before forking a work horse; CUDA jobs will "
+                      "fail in it (nothing may call torch.cuda before the fork)")
+        super().fork_work_horse(job, queue)
 
     def main_work_horse(self, job, queue):
         torch.set_num_threads(self.torch_threads)

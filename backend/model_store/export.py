@@ -41,6 +41,7 @@ from backend.errors import BadRequest, LivetrainError, NotFound
 from backend.model_store.layers import FrozenBatchNormAct2d
 from backend.model_store.lite0 import Lite0FPNBackbone
 from backend.model_store.models import model_from_version, version_task
+from backend.model_store.stores import version_store
 from backend.model_store.versions import VersionStore
 
 FORMATS = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
@@ -155,11 +156,12 @@ def sample_image(min_size: int, max_size: int, seed: int = 0) -> torch.Tensor:
     return image
 
 
-def resolve_version(model_dir: Path, project: str, version: str | None) -> tuple[VersionStore, str]:
-    """The store and the version to export (``None``: the active one); clear 404s otherwise."""
+def resolve_version(model_dir, project: str, version: str | None) -> tuple[VersionStore, str]:
+    """The store and the version to export (``None``: the active one); clear 404s otherwise. ``model_dir``:
+    the Settings (MODEL_STORE or MODEL_DIR) or a MODEL_DIR path, as ``stores.version_store`` takes."""
     if not str(project).isdigit():
         raise BadRequest(f"invalid project {project!r}: expected a Label Studio project id (digits)")
-    store = VersionStore(model_dir, str(project))
+    store = version_store(model_dir, str(project))
     names = store.names()
     if not names:
         raise NotFound(f"project {project} has no model versions")

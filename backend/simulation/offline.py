@@ -26,11 +26,11 @@ from PIL import Image
 from backend.labelstudio.convert import image_to_tensor, shrink
 from backend.metrics.coco_map import evaluate_map
 from backend.model_store.models import model_for_round, model_from_version, pick_device, version_task
-from backend.model_store.versions import VersionStore
+from backend.model_store.stores import version_store
 from backend.model_store.weights import StartingWeights, StartingWeightsByTask
 from backend.settings import Settings
 from backend.training.coco import CocoImage, ring_to_percent
-from backend.training.engine import CallbackHook, TrainState, sgd, train_steps, warmup_cosine
+from backend.training.engine import CallbackHook, TrainState, amp_scaler, sgd, train_steps, warmup_cosine
 from backend.training.modes import apply_mode, body_trainable, choose_mode, working_limit
 from backend.training.transforms import augment, drop_degenerate, scale_jitter
 
@@ -129,7 +129,8 @@ def train_offline(settings: Settings, starting: StartingWeights, images: list[Co
     log.info("offline training: %d images, %d steps, %s mode, batch %d, lr %g, %d px, %s",
              len(images), total_steps, mode, settings.batch_size, settings.learning_rate, base_size, starting.arch)
     batches = examples.batches(settings.batch_size, random.Random(seed))
-    train_steps(state, batches, device, [CallbackHook(progress, every=LOG_EVERY)])
+    train_steps(state, batches, device, [CallbackHook(progress, every=LOG_EVERY)],
+                scaler=amp_scaler(device, settings.amp))  # as a live session: mixed precision on CUDA
     model.transform.min_size = (base_size,)  # as a published version: one scale at prediction time
     model.eval()
     return model
@@ -175,7 +176,7 @@ def live_vs_offline(model_dir: Path, project: str | int, settings: Settings, ann
     """Box mAP of the project's active version and of the same network trained offline (see the module
     doc) on ``test_images``. ``annotated``: task id -> the image annotated in it. ``settings``: the
     backend's (its starting weights). Returns the report; ``{"skipped": reason}`` when it cannot compare."""
-    store = VersionStore(model_dir, str(project))
+    store = version_store(settings if settings.model_store else model_dir, str(project))  # MODEL_STORE, else the directory
     name = store.active()
     if name is None:
         return _skip(f"project {project} has no active version in {model_dir}")

@@ -58,24 +58,44 @@ def sgd(model: torch.nn.Module, lr: float, momentum: float = 0.9, weight_decay: 
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
+def amp_scaler(device: torch.device, enabled: bool = True) -> torch.amp.GradScaler:
+    """The gradient scaler of a mixed-precision session: enabled only on CUDA with AMP on (float16 autocast
+    there); on CPU, or with AMP=false, a disabled one, and ``train_step`` runs in plain float32."""
+    return torch.amp.GradScaler("cuda", enabled=enabled and torch.device(device).type == "cuda")
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: list, targets: list,
-               device: torch.device, clip_grad: float = 10.0) -> dict:
-    """One SGD step on one batch (model in train mode); returns the losses as floats (``loss`` = their sum)."""
-    images = [image.to(device) for image in images]
-    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-    loss_dict = model(images, targets)
+               device: torch.device, clip_grad: float = 10.0, scaler: torch.amp.GradScaler | None = None) -> dict:
+    """One SGD step on one batch (model in train mode); returns the losses as floats (``loss`` = their sum).
+    With an enabled ``scaler`` (``amp_scaler``: CUDA only) the forward runs under float16 autocast and the
+    loss is scaled; gradients are unscaled before clipping, and a step with inf/NaN gradients is skipped."""
+    images = [image.to(device, non_blocking=True) for image in images]
+    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+    amp = scaler is not None and scaler.is_enabled()
+    with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
+        loss_dict = model(images, targets)
+    loss_dict = {k: v.float() for k, v in loss_dict.items()}
     loss = sum(loss_dict.values())
     if not torch.isfinite(loss):
         raise NonFiniteLoss(f"loss is {loss.item()} ({ {k: v.item() for k, v in loss_dict.items()} })")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip_grad)
-    optimizer.step()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if amp:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # clip the true gradients
+        torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        scaler.step(optimizer)  # skipped when the scaled gradients overflowed; the scale then shrinks
+        scaler.update()
+    else:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        optimizer.step()
     return {k: v.item() for k, v in loss_dict.items()} | {"loss": loss.item()}
 
 
 def train_steps(state: TrainState, batches: Iterator[tuple[list, list]], device: torch.device,
-                hooks: list[Hook] = (), clip_grad: float = 10.0) -> TrainState:
+                hooks: list[Hook] = (), clip_grad: float = 10.0,
+                scaler: torch.amp.GradScaler | None = None) -> TrainState:
     """Run ``state.total_steps - state.step`` steps, taking one (images, targets) batch per step."""
     model = state.model
     model.train()
@@ -86,7 +106,7 @@ def train_steps(state: TrainState, batches: Iterator[tuple[list, list]], device:
         for hook in hooks:
             hook.before_step(state)
         try:
-            state.last_losses = train_step(model, state.optimizer, images, targets, device, clip_grad)
+            state.last_losses = train_step(model, state.optimizer, images, targets, device, clip_grad, scaler)
         except NonFiniteLoss as exc:
             raise NonFiniteLoss(f"{exc} at step {state.step}") from None
         state.scheduler.step()

@@ -33,11 +33,12 @@ from backend.labelstudio.annotations import LabeledImage
 from backend.labelstudio.images import ImageFetcher
 from backend.metrics.quality import Quality
 from backend.model_store.models import model_for_round, model_from_version, version_task
-from backend.model_store.versions import BASE_VERSION, VersionStore
+from backend.model_store.stores import version_store
+from backend.model_store.versions import BASE_VERSION
 from backend.model_store.weights import StartingWeights
 from backend.settings import Settings
 from backend.training.data import ExampleCache
-from backend.training.engine import sgd, train_step
+from backend.training.engine import amp_scaler, sgd, train_step
 from backend.training.guard import Guard, Verdict
 from backend.training.modes import apply_mode, body_trainable, choose_mode, working_limit
 from backend.training.sampler import LiveSampler
@@ -75,7 +76,7 @@ class TrainingSession:
     def __init__(self, settings: Settings, starting: StartingWeights, fetcher: ImageFetcher, inputs: SessionInputs,
                  device: torch.device, seed: int = 0):
         self.settings, self.inputs, self.device = settings, inputs, device
-        self.store = VersionStore(settings.model_dir, inputs.project)
+        self.store = version_store(settings, inputs.project)
         self.started = time.time()
         self.id = uuid.uuid4().hex[:12]  # versions name the session that published them
         self.parent = self.store.active()
@@ -116,6 +117,7 @@ class TrainingSession:
         self.decay_len = 0
         self.mode: str | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.scaler = amp_scaler(device, settings.amp)  # mixed precision: CUDA with AMP only
         self.versions: list[str] = []
         self.loss_sum: dict[str, float] = {}
         self.loss_steps = 0
@@ -222,7 +224,7 @@ class TrainingSession:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr()
         self.model.train()
-        losses = train_step(self.model, self.optimizer, images, targets, self.device)
+        losses = train_step(self.model, self.optimizer, images, targets, self.device, scaler=self.scaler)
         self.steps += 1
         self.total_steps += 1
         for record in drawn:
@@ -363,7 +365,8 @@ class TrainingSession:
                     "mode": self.mode, "model": self.model.state_dict(),
                     "optimizer": self.optimizer.state_dict(), "trained": self.trained,
                     "passes": {str(k): v for k, v in self.sampler.passes.items()},
-                    "total_steps": self.total_steps, "steps": self.steps, "warm_from": self.warm_from}, tmp)
+                    "total_steps": self.total_steps, "steps": self.steps, "warm_from": self.warm_from,
+                    "decay_at": self.decay_at, "decay_len": self.decay_len}, tmp)
         os.replace(tmp, path)
 
     def resume(self) -> bool:
@@ -396,6 +399,11 @@ class TrainingSession:
                 self.sampler.passes[int(task_id)] = passes
         # what the checkpoint trained on needs no front-of-queue draw; changed images still get one
         self.sampler.fresh = [t for t in self.sampler.fresh if self.trained.get(str(t)) != self.sampler.records[t].updated_at]
+        # A decay tail that fair share paused goes on where it was, unless new work came meanwhile. Started afresh
+        # it would need IDLE_AFTER and its whole tail (a tenth of all steps) again in every slice: with more
+        # projects than workers an idle project would be paused before it ends, again and again, for ever.
+        if saved.get("decay_at") is not None and not self.sampler.fresh:
+            self.decay_at, self.decay_len = saved["decay_at"], saved["decay_len"]
         return True
 
     def clear_checkpoint(self) -> None:
