@@ -1,7 +1,8 @@
 """The one source of truth for configuration, shared by the web app, the worker and the CLI.
 
-Every setting is an environment variable; ``Settings.from_env()`` reads them once. The README's
-settings table is generated from ``FIELDS`` below (``livetrain settings``), so the two cannot drift.
+Every setting is an environment variable; ``Settings.from_env()`` reads them once. The settings table in
+docs/settings.md is generated from the ``Settings`` fields below (``livetrain settings``), and
+tests/test_settings.py checks that the page holds exactly that table, so the two cannot drift.
 """
 
 from __future__ import annotations
@@ -208,7 +209,7 @@ def _parse(type_name, raw: str):
 
 
 def settings_table() -> str:
-    """Markdown table of every setting, its default and meaning (pasted into the README)."""
+    """Markdown table of every setting, its default and meaning (pasted into docs/settings.md)."""
     rows = ["| env | default | meaning |", "|---|---|---|"]
     for f in dataclasses.fields(Settings):
         default = f.default

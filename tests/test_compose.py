@@ -229,7 +229,7 @@ def test_dockerfile_image():
 
 
 def test_readme_documents_compose():
-    """The "Run with docker compose" section (in README.md, or in docs/ should it move there)."""
+    """The "Run with docker compose" section (docs/deployment.md; README.md or any docs/ page will do)."""
     pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     text = next((page.read_text() for page in pages if "# Run with docker compose" in page.read_text()), None)
     assert text is not None, "no 'Run with docker compose' section in README.md or docs/"

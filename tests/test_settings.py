@@ -1,3 +1,5 @@
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -31,3 +33,12 @@ def test_settings_table_lists_every_env_name():
     table = settings_table()
     for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "MODEL_DIR", "REDIS_URL", "BASIC_AUTH_USER", "MODEL_ARCH", "WEIGHTS_PATH"):
         assert f"`{name}`" in table
+
+
+def test_docs_settings_page_holds_the_generated_table():
+    """docs/settings.md is `livetrain settings` pasted: regenerate it when a setting changes."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "settings.md").read_text()
+    assert settings_table() in page, (
+        "docs/settings.md is out of date: replace its table with the output of `.venv/bin/livetrain settings`")
+    documented = set(re.findall(r"^\| `([A-Z0-9_]+)` \|", page, re.M))
+    assert documented == {f.metadata["env"] for f in dataclasses.fields(Settings)}

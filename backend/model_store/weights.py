@@ -199,7 +199,7 @@ def _arch_of_file(path: Path) -> str:
 
 def resolve_starting_weights(arch: str = "auto", weights_path: str = "", weights_sha256: str = "",
                              download: bool = True, task: str = "boxes") -> StartingWeights:
-    """Apply the starting-weights policy (see the module docstring and the README) for a ``task`` kind.
+    """Apply the starting-weights policy (module docstring; docs/live-training.md#starting-weights) for a ``task`` kind.
 
     Boxes, ``arch="auto"``: torchvision's COCO weights for DEFAULT_COCO_ARCH when obtainable, otherwise the
     offline ImageNet Lite0 backbone with new heads, otherwise random init. Masks, ``arch="auto"``: the offline
