@@ -238,7 +238,8 @@ def project_view(settings, connection, project: str, now: float | None = None) -
         log.warning("project %s: cannot list versions: %s", project, exc)
         metas = []
     rows = [version_row(m, now) for m in metas]
-    active = store.active()
+    # from the listing: no second read of ACTIVE, and an unreachable object store shows as no versions, not a 500
+    active = next((m["name"] for m in metas if m.get("active")), None)
     window = status.get("quality") if isinstance(status.get("quality"), dict) else {}
     running = status.get("session") if isinstance(status.get("session"), dict) else None
     last = status.get("last_session") if isinstance(status.get("last_session"), dict) else None
