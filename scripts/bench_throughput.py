@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import http.server
-import io
 import itertools
 import json
 import logging
@@ -62,13 +61,15 @@ from pathlib import Path
 
 import numpy as np
 import requests
-from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from backend.simulation.processes import LivetrainServer, _descendants, alive  # noqa: E402
 from tests.livetrain_fixtures import CONFIG, shapes_image  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_predict import bench_image as predict_image  # noqa: E402  the same picture as the /predict benchmark
 
 log = logging.getLogger("bench_throughput")
 LABELS = ("Square", "Disc")
@@ -79,18 +80,7 @@ BCCD = ROOT.parent / "shared/datasets/bccd/images/BloodImage_00000.jpg"
 def bench_image(path: str | None) -> tuple[bytes, str]:
     """A 640x480 JPEG: ``path``, else a BCCD photo when present, else a generated picture; (bytes, source)."""
     source = path or (str(BCCD) if BCCD.exists() else None)
-    if source:
-        image = Image.open(source).convert("RGB").resize((640, 480))
-    else:
-        image = Image.new("RGB", (640, 480), (200, 180, 190))
-        draw = ImageDraw.Draw(image)
-        rng = np.random.default_rng(0)
-        for _ in range(20):
-            x, y, r = rng.integers(20, 620), rng.integers(20, 460), rng.integers(8, 40)
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=92)
-    return buf.getvalue(), source or "generated 640x480"
+    return predict_image(source), source or "generated 640x480"
 
 
 class FileServer:

@@ -21,6 +21,7 @@ Two publishers of one project at a time are excluded by the project's training l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -83,17 +84,24 @@ class _S3:
     def __init__(self, bucket: str, endpoint_url: str):
         self.bucket, self.endpoint_url = bucket, endpoint_url
 
-    def _call(self, method: str, key: str = "", **kw):
+    @contextlib.contextmanager
+    def _errors(self, key: str, what: str):
+        """boto errors as OSErrors: FileNotFoundError for a missing object, ObjectStoreError otherwise."""
+        from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            return getattr(client(self.endpoint_url), method)(Bucket=self.bucket, **({"Key": key} if key else {}), **kw)
+            yield
         except ClientError as exc:
             if _missing(exc):
                 raise FileNotFoundError(f"s3://{self.bucket}/{key} does not exist") from None
-            raise ObjectStoreError(f"s3://{self.bucket}/{key}: {method} failed: {exc}") from None
-        except BotoCoreError as exc:
-            raise ObjectStoreError(f"s3://{self.bucket}/{key}: {method} failed: {exc}") from None
+            raise ObjectStoreError(f"s3://{self.bucket}/{key}: {what} failed: {exc}") from None
+        except (BotoCoreError, S3UploadFailedError) as exc:
+            raise ObjectStoreError(f"s3://{self.bucket}/{key}: {what} failed: {exc}") from None
+
+    def _call(self, method: str, key: str = "", **kw):
+        with self._errors(key, method):
+            return getattr(client(self.endpoint_url), method)(Bucket=self.bucket, **({"Key": key} if key else {}), **kw)
 
     def get(self, key: str) -> bytes:
         return self._call("get_object", key)["Body"].read()
@@ -119,25 +127,12 @@ class _S3:
 
     def upload(self, key: str, path: Path) -> None:
         """A file of any size (multipart above 8 MB: the object appears whole when the upload completes)."""
-        from boto3.exceptions import S3UploadFailedError
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
+        with self._errors(key, "upload"):
             client(self.endpoint_url).upload_file(str(path), self.bucket, key)
-        except (S3UploadFailedError, BotoCoreError, ClientError) as exc:
-            raise ObjectStoreError(f"s3://{self.bucket}/{key}: upload failed: {exc}") from None
 
     def download(self, key: str, path: Path) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
+        with self._errors(key, "download"):
             client(self.endpoint_url).download_file(self.bucket, key, str(path))
-        except ClientError as exc:
-            if _missing(exc):
-                raise FileNotFoundError(f"s3://{self.bucket}/{key} does not exist") from None
-            raise ObjectStoreError(f"s3://{self.bucket}/{key}: download failed: {exc}") from None
-        except BotoCoreError as exc:
-            raise ObjectStoreError(f"s3://{self.bucket}/{key}: download failed: {exc}") from None
 
     def listing(self, prefix: str, delimiter: str = "") -> tuple[list[dict], list[str]]:
         """(objects, common prefixes) under ``prefix``, all pages."""
