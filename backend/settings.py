@@ -51,6 +51,8 @@ class Settings:
     basic_auth_user: str = field(default="", metadata={"env": "BASIC_AUTH_USER", "doc": "With BASIC_AUTH_PASS: require HTTP Basic auth (set the same pair in Label Studio's model connection)."})
     basic_auth_pass: str = field(default="", metadata={"env": "BASIC_AUTH_PASS", "doc": "Password for Basic auth."})
     log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL", "doc": "Python logging level."})
+    max_request_bytes: int = field(default=20_000_000, metadata={"env": "MAX_REQUEST_BYTES", "doc": "Request bodies larger than this are refused with 413 before they are read (a /predict batch of a few hundred tasks is well under 1 MB)."})
+    webhook_secret: str = field(default="", metadata={"env": "WEBHOOK_SECRET", "doc": "When set, `POST /webhook` without valid Basic auth must carry the header `X-Livetrain-Secret: <this value>` (add it to the webhook in Label Studio's project Settings > Webhooks); otherwise 401. Empty: webhooks without credentials are accepted (they are only notifications)."})
     # Model
     model_arch: str = field(default="auto", metadata={"env": "MODEL_ARCH", "doc": "Detector architecture for RectangleLabels projects: " + ", ".join(ARCHITECTURES) + ". `auto`: COCO-pretrained fasterrcnn_mobilenet_v3_large_320_fpn when its weights can be had, else fasterrcnn_lite0_fpn with the offline ImageNet backbone."})
     mask_arch: str = field(default="auto", metadata={"env": "MASK_ARCH", "doc": "Mask R-CNN architecture for PolygonLabels / BrushLabels projects: " + ", ".join(MASK_ARCHITECTURES) + ". `auto`: maskrcnn_lite0_fpn with the offline ImageNet backbone (the ResNet-50 ones load torchvision's COCO weights from TORCH_HOME or download them; they work at 800 px on a ResNet-50 and are far heavier per step on a CPU)."})
@@ -104,6 +106,7 @@ class Settings:
     max_image_bytes: int = field(default=50_000_000, metadata={"env": "MAX_IMAGE_BYTES", "doc": "Downloads larger than this are refused."})
     max_image_pixels: int = field(default=40_000_000, metadata={"env": "MAX_IMAGE_PIXELS", "doc": "Images with more decoded pixels than this are refused (decompression bombs)."})
     image_timeout: float = field(default=20.0, metadata={"env": "IMAGE_TIMEOUT", "doc": "Seconds to wait for an image download."})
+    image_url_allowlist: str = field(default="", metadata={"env": "IMAGE_URL_ALLOWLIST", "doc": "Image URLs outside Label Studio's own origin are fetched only over http(s) and never from loopback, private, link-local or other internal addresses (cloud metadata), checked on the resolved IP and on every redirect. This comma-separated list lets some through anyway: host names (`images.internal`), IP addresses or networks (`10.1.2.0/24`), each optionally with `:port`."})
     image_cache_bytes: int = field(default=2_000_000_000, metadata={"env": "IMAGE_CACHE_BYTES", "doc": "Size cap of the on-disk image cache (oldest files are evicted)."})
 
     @classmethod
@@ -142,6 +145,8 @@ class Settings:
             raise ValueError("DEVICE must be auto, cpu or cuda")
         if self.predict_device not in ("", "auto", "cpu", "cuda"):
             raise ValueError("PREDICT_DEVICE must be empty (= DEVICE), auto, cpu or cuda")
+        if self.max_request_bytes < 1024:
+            raise ValueError("MAX_REQUEST_BYTES must be at least 1024")
         if self.max_loaded_models < 1:
             raise ValueError("MAX_LOADED_MODELS must be at least 1")
         if self.train_mode not in ("auto", "heads", "full"):
