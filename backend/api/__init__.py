@@ -18,9 +18,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = Flask("livetrain")
     app.json.sort_keys = False
+    # Bodies over MAX_REQUEST_BYTES get a 413 before they are read: Werkzeug checks Content-Length up front
+    # and stops a chunked body (no Content-Length) as soon as it passes the limit (see errors.py for the reply).
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     # The model is loaded here, once per process, so /health answers within Label Studio's 1 s.
     app.extensions["livetrain"] = AppState.build(settings)
-    auth.init_app(app, settings.basic_auth)
+    auth.init_app(app, settings.basic_auth, settings.webhook_secret)
     errors.init_app(app)
     app.register_blueprint(routes.bp)
     app.register_blueprint(page.bp)  # GET / in a browser: the status page; GET /dashboard: its JSON

@@ -3,7 +3,9 @@
 Exception: ``POST /webhook`` without credentials is accepted. Label Studio's event webhooks
 (ANNOTATION_CREATED, ...) cannot send Basic auth (PROTOCOL.md), and a webhook is only a notification:
 training data is always read from Label Studio itself, so an unauthenticated webhook cannot inject any.
-Wrong credentials are still refused there.
+Wrong credentials are still refused there. With WEBHOOK_SECRET set, such a webhook must carry the secret in
+the ``X-Livetrain-Secret`` header (Label Studio's webhooks can send custom headers); the ML module's own
+START_TRAINING call cannot, so it needs Basic auth then.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ import hmac
 from flask import Flask, jsonify, request
 
 
-def init_app(app: Flask, credentials: tuple[str, str] | None) -> None:
+SECRET_HEADER = "X-Livetrain-Secret"
+
+
+def init_app(app: Flask, credentials: tuple[str, str] | None, webhook_secret: str = "") -> None:
     @app.before_request
     def refuse_cross_site():
         # The status page has browsers keep the Basic credentials (or auth is off): a page on another site
@@ -26,23 +31,35 @@ def init_app(app: Flask, credentials: tuple[str, str] | None) -> None:
             return response
         return None
 
-    if not credentials:
+    if not credentials and not webhook_secret:
         return
-    user, password = credentials
+
+    def basic_ok(given) -> bool:
+        return (credentials is not None and given is not None and given.type == "basic"
+                and hmac.compare_digest((given.username or "").encode(), credentials[0].encode())
+                and hmac.compare_digest((given.password or "").encode(), credentials[1].encode()))
 
     @app.before_request
-    def require_basic_auth():
+    def require_auth():
         given = request.authorization
-        if given is None and request.method == "POST" and request.path == "/webhook":
+        if basic_ok(given):
             return None
-        if (
-            given is not None
-            and given.type == "basic"
-            and hmac.compare_digest((given.username or "").encode(), user.encode())
-            and hmac.compare_digest((given.password or "").encode(), password.encode())
-        ):
+        if request.method == "POST" and request.path == "/webhook" and not (given is not None and credentials):
+            if not webhook_secret:
+                return None
+            sent = request.headers.get(SECRET_HEADER, "")
+            if hmac.compare_digest(sent.encode(), webhook_secret.encode()):
+                return None
+            return _refuse(f"this backend requires a webhook secret: add the header {SECRET_HEADER} with the value of "
+                           "WEBHOOK_SECRET to the webhook (Label Studio: project Settings > Webhooks > Headers)"
+                           + (", or call it with Basic auth" if credentials else ""))
+        if credentials is None:
             return None
-        response = jsonify(error="authentication required: this backend uses Basic auth (set it in the model connection's settings)")
-        response.status_code = 401
-        response.headers["WWW-Authenticate"] = 'Basic realm="livetrain"'
-        return response
+        return _refuse("authentication required: this backend uses Basic auth (set it in the model connection's settings)")
+
+
+def _refuse(message: str):
+    response = jsonify(error=message)
+    response.status_code = 401
+    response.headers["WWW-Authenticate"] = 'Basic realm="livetrain"'
+    return response

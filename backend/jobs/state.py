@@ -141,11 +141,19 @@ def load_ls_fallback(connection: redis.Redis) -> tuple[str, str]:
 
 
 def ls_credentials(settings, connection: redis.Redis) -> tuple[str, str]:
-    """LABEL_STUDIO_URL / _API_KEY, else what Label Studio's /setup call told the web process."""
+    """LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY (or the token /setup sent); without LABEL_STUDIO_URL, the hostname
+    and token /setup sent. LABEL_STUDIO_API_KEY goes only to LABEL_STUDIO_URL: /setup's hostname comes from whoever
+    called /setup, so it must never receive the configured key (nor, with LABEL_STUDIO_URL set, redirect traffic)."""
     hostname, token = load_ls_fallback(connection)
-    url, key = settings.label_studio_url or hostname, settings.label_studio_api_key or token
+    if settings.label_studio_url:
+        url, key = settings.label_studio_url, settings.label_studio_api_key or token
+    else:
+        url, key = hostname, token
     if url and key:
         return url, key
+    if settings.label_studio_api_key and not settings.label_studio_url:
+        raise LivetrainError("LABEL_STUDIO_API_KEY is set but LABEL_STUDIO_URL is not: set LABEL_STUDIO_URL too "
+                             "(the key is only ever sent to that address)")
     raise LivetrainError("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY for the worker (or connect the model in "
                          "Label Studio first, whose /setup call tells livetrain where Label Studio is)")
 

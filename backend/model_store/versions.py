@@ -6,25 +6,36 @@
 
 A version is written into a temporary directory and renamed into place, and ACTIVE is replaced with
 ``os.replace``: readers (other processes, other machines sharing MODEL_DIR) see a whole version or none,
-never a half-written one. Names are ``<prefix>-v<N>`` with N increasing, even across rollbacks.
+never a half-written one; a write that fails (a full disk) removes its temporary files and leaves the
+versions as they were. Names are ``<prefix>-v<N>`` with N increasing, even across rollbacks.
+
+Damage done from outside (a version directory deleted by hand, a truncated or overwritten ``model.pt``, a
+broken ``meta.json``) is survived: ``active()`` passes over an ACTIVE version that is gone or visibly broken
+to the newest whole version that was not held back, ``load_active()`` also over one that fails to load, and
+``list()`` shows a broken version with its ``error`` instead of failing.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import torch
 
 from backend.errors import BadRequest
 
+log = logging.getLogger(__name__)
+
 BASE_VERSION = "livetrain-base"  # the starting weights, before the first version is published
-_NAME = re.compile(r"^(?P<prefix>.+)-v(?P<n>\d+)$")
+# A plain file name: no "/" or leading dot, so a name from a request (rollback, export) cannot leave versions/.
+_NAME = re.compile(r"^(?P<prefix>[A-Za-z0-9][A-Za-z0-9_.-]*)-v(?P<n>\d+)$")
 
 
 def slug(text: str) -> str:
@@ -35,11 +46,15 @@ def slug(text: str) -> str:
 def write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # e.g. the disk is full: the old file stays, no temporary file is left
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class VersionStore:
@@ -60,15 +75,75 @@ class VersionStore:
         return json.loads((self.versions_dir / name / "meta.json").read_text())
 
     def list(self) -> list[dict]:
+        """Each version's meta and whether it is active; a version whose files are broken is listed with its
+        name and ``error`` (the reason it is not served)."""
         active = self.active()
-        return [dict(self.meta(name), active=name == active) for name in self.names()]
+        listed = []
+        for name in self.names():
+            problem = self.problem(name)
+            try:
+                meta = self.meta(name)
+            except (OSError, ValueError):
+                meta = {}
+            listed.append(dict(meta, name=name, active=name == active, **({"error": problem} if problem else {})))
+        return listed
+
+    def problem(self, name: str) -> str | None:
+        """Why version ``name`` cannot be served, from a cheap look at its files (a ``model.pt`` that is missing,
+        truncated or not a torch file, a ``meta.json`` that does not parse); None when they look whole."""
+        folder = self.versions_dir / name
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            return f"meta.json unreadable ({type(exc).__name__}: {exc})"
+        model = folder / "model.pt"
+        if not model.is_file():
+            return "model.pt missing"
+        if not zipfile.is_zipfile(model):  # torch.save writes a zip: a cut or overwritten file has no central directory
+            return "model.pt truncated or corrupted (not a readable torch file)"
+        return None
 
     def active(self) -> str | None:
+        """The version served: the one ACTIVE names, or, when that one was deleted or its files are broken, the
+        newest whole version that the guard did not hold back (None when ACTIVE is missing or none is whole)."""
         try:
             name = self.active_file.read_text().strip()
         except FileNotFoundError:
             return None
-        return name if (self.versions_dir / name / "model.pt").is_file() else None
+        if _NAME.match(name) and self.problem(name) is None:
+            return name
+        fallback = next(iter(self.fallbacks(exclude=name)), None)
+        _warn_once((str(self.root), name, fallback), "project %s: active version %s is %s; serving %s instead",
+                   self.root.name, name, self.problem(name) if _NAME.match(name) else "not a version name",
+                   fallback or "the base model")
+        return fallback
+
+    def fallbacks(self, exclude: str | None = None) -> list[str]:
+        """Whole versions that were not held back, newest first: what is served when the active one is broken."""
+        found = []
+        for name in reversed(self.names()):
+            if name == exclude or self.problem(name) is not None:
+                continue
+            if not self.meta(name).get("held_back"):
+                found.append(name)
+        return found
+
+    def load_active(self) -> tuple[str, dict, dict] | None:
+        """(name, state dict, meta) of the active version; when it fails to load (damaged inside), of the
+        newest older whole version instead, each failure logged. None when there is none."""
+        active = self.active()
+        if active is None:
+            return None
+        for name in [active, *(n for n in self.fallbacks(exclude=active) if n != active)]:
+            try:
+                state, meta = self.load(name)
+                return name, state, meta
+            except Exception as exc:  # truncated inside, garbage tensors, a file deleted under us
+                log.error("project %s: version %s cannot be loaded (%s: %s); trying the previous one", self.root.name,
+                          name, type(exc).__name__, exc)
+        return None
 
     def marker(self) -> float:
         """Changes whenever ACTIVE is replaced: a cheap check for web processes (one stat call)."""
@@ -107,7 +182,7 @@ class VersionStore:
         return name
 
     def set_active(self, name: str) -> None:
-        if not (self.versions_dir / name / "model.pt").is_file():
+        if not _NAME.match(str(name)) or not (self.versions_dir / name / "model.pt").is_file():
             known = ", ".join(self.names()) or "none"
             raise BadRequest(f"no version {name!r} in project {self.root.name} (versions: {known})")
         write_atomic(self.active_file, name.encode())
@@ -118,7 +193,12 @@ class VersionStore:
 
     def best(self) -> str | None:
         """The version with the highest measured quality (see ``meta['quality']``), if any was measured."""
-        rated = [(self.meta(n).get("quality"), n) for n in self.names()]
+        rated = []
+        for n in self.names():
+            try:
+                rated.append((self.meta(n).get("quality"), n))
+            except (OSError, ValueError):  # a broken meta.json: not rated
+                continue
         rated = [(q, n) for q, n in rated if isinstance(q, (int, float))]
         return max(rated)[1] if rated else None
 
@@ -131,3 +211,13 @@ class VersionStore:
         for stale in self.versions_dir.glob(".tmp-*"):  # left by a writer killed mid-publish
             if time.time() - stale.stat().st_mtime > 3600:
                 shutil.rmtree(stale, ignore_errors=True)
+
+
+_warned: set = set()
+
+
+def _warn_once(key, message: str, *args) -> None:
+    """Log a damaged store once per process and situation, not at every look at ACTIVE."""
+    if key not in _warned:
+        _warned.add(key)
+        log.error(message, *args)
