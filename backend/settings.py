@@ -173,6 +173,9 @@ class Settings:
             raise ValueError("VALIDATION_FRACTION must be at least 0 and below 1")
         if not 0.0 <= self.guard_margin <= 1.0:
             raise ValueError("GUARD_MARGIN must be between 0 and 1")
+        from backend.labelstudio.url_guard import parse_allowlist  # here: settings must not import requests at load
+
+        parse_allowlist(self.image_url_allowlist)  # a bad entry stops startup with a message naming it
         bucket = self.model_store[len("s3://"):].split("/", 1)[0]
         if self.model_store and not (self.model_store.startswith("s3://") and re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", bucket)):
             raise ValueError(f"MODEL_STORE must be empty or s3://bucket[/prefix] (got {self.model_store!r})")

@@ -132,7 +132,8 @@ def measure(url: str, args, body: bytes) -> tuple[str, list[float], list[float],
         # the server finds the same starting weights as publish_version() above
         env = {"MODEL_ARCH" if not masks else "MASK_ARCH": args.arch if not args.version else arch,
                "LOG_LEVEL": "WARNING", "TORCH_HOME": Path(torch.hub.get_dir()).parent,
-               "DOWNLOAD_WEIGHTS": os.environ.get("DOWNLOAD_WEIGHTS", "true"), "SCORE_THRESHOLD": args.score_threshold}
+               "DOWNLOAD_WEIGHTS": os.environ.get("DOWNLOAD_WEIGHTS", "true"), "SCORE_THRESHOLD": args.score_threshold,
+               "IMAGE_URL_ALLOWLIST": "127.0.0.1"}  # serve_file's image server is on 127.0.0.1
         server = LivetrainServer(Path(model_dir), env=env, worker=False, cwd=ROOT)
         try:
             server.wait_ready(timeout=120)

@@ -138,7 +138,7 @@ def train_seed_version(files: FileServer, seed_dir: Path, steps: int) -> Path:
 
     torch.manual_seed(0)
     settings = Settings(model_dir=seed_dir, download_weights=False, batch_size=2, warmup_steps=1, decay_steps=2,
-                        checkpoint_every=1000, learning_rate=0.01)
+                        checkpoint_every=1000, learning_rate=0.01, image_url_allowlist="127.0.0.1")
     records = []
     for seed in range(6):
         png, objects = shapes_image(seed)
@@ -299,7 +299,8 @@ def measure(config: str, args, version_dir: Path, load_args: tuple, stop: thread
     workers, threads = (int(x) for x in config.lower().split("x"))
     image_url, projects = load_args
     env = {"WORKERS": workers, "THREADS": threads, "LOG_LEVEL": "WARNING",
-           "DOWNLOAD_WEIGHTS": os.environ.get("DOWNLOAD_WEIGHTS", "false")}
+           "DOWNLOAD_WEIGHTS": os.environ.get("DOWNLOAD_WEIGHTS", "false"),
+           "IMAGE_URL_ALLOWLIST": "127.0.0.1"}  # the image server is on 127.0.0.1
     env.update(dict(kv.split("=", 1) for kv in args.env))
     with tempfile.TemporaryDirectory(prefix=f"bench-throughput-{config}-") as tmp:
         model_dir = Path(tmp) / "models"

@@ -72,7 +72,8 @@ def worker_env(model_dir: Path, redis_url: str, ls_url: str, token: str, **extra
                LABEL_STUDIO_API_KEY=token, DOWNLOAD_WEIGHTS="false", MIN_SIZE="128", PUBLISH_INTERVAL="1", IDLE_AFTER="1", MIN_PASSES="2",
                DECAY_STEPS="3", WARMUP_STEPS="2",
                BATCH_SIZE="2", MIN_ANNOTATIONS="3", LOCK_TTL="4", CHECKPOINT_EVERY="2", LOG_LEVEL="INFO",
-               TORCH_HOME=str(model_dir / "torch"))
+               TORCH_HOME=str(model_dir / "torch"),
+               IMAGE_URL_ALLOWLIST="127.0.0.1")  # tests serve "third-party" images from 127.0.0.1 too
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

@@ -19,7 +19,9 @@ from tests.conftest import BOX_CONFIG, png_bytes
 
 def make_settings(tmp_path, **overrides) -> Settings:
     # No network here: never try torchvision's download in tests.
-    base = dict(model_dir=tmp_path, download_weights=False, label_studio_url="", max_image_pixels=4_000_000)
+    # image_server stands for a third-party image host on 127.0.0.1: let it through the SSRF guard.
+    base = dict(model_dir=tmp_path, download_weights=False, label_studio_url="", max_image_pixels=4_000_000,
+                image_url_allowlist="127.0.0.1")
     base.update(overrides)
     return Settings(**base)
 

@@ -10,6 +10,7 @@ its REST API, and run in file order (each builds on the project the previous one
 from __future__ import annotations
 
 import dataclasses
+import re
 import uuid
 from pathlib import Path
 
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTH = ("ml-user", "ml-secret-pass")
+WEBHOOK_SECRET = "e2e-webhook-secret"
 IMAGES = 8
 ROUND_TIMEOUT = 420
 
@@ -46,7 +48,7 @@ def livetrain(label_studio, tmp_path_factory):
     env = {"LABEL_STUDIO_URL": credentials.url, "LABEL_STUDIO_API_KEY": credentials.pat,
            "BASIC_AUTH_USER": AUTH[0], "BASIC_AUTH_PASS": AUTH[1], "MIN_ANNOTATIONS": 2, "MIN_SIZE": 128,
            "BATCH_SIZE": 2, "CHECKPOINT_EVERY": 3, "PUBLISH_INTERVAL": 2, "IDLE_AFTER": 1, "MIN_PASSES": 5,
-           "DECAY_STEPS": 6, "WARMUP_STEPS": 2}  # a few steps per session: enough for the mask heads to find shapes
+           "DECAY_STEPS": 6, "WARMUP_STEPS": 2, "WEBHOOK_SECRET": WEBHOOK_SECRET}  # a few steps per session: enough for the mask heads to find shapes
     server = LivetrainServer(tmp_path_factory.mktemp("models"), env=env, cwd=ROOT)
     try:
         server.wait_ready(timeout=240)
@@ -76,8 +78,18 @@ def project(ls, livetrain):
     ml = ls.connect_ml(created["id"], livetrain.url, auth_method="BASIC_AUTH", basic_auth_user=AUTH[0],
                        basic_auth_pass=AUTH[1])
     ls.update_project(created["id"], start_training_on_annotation_update=True)
+    send_webhook_secret(ls, created["id"])
     return {"id": created["id"], "ml": ml, "tasks": tasks, "objects": [objects for _, objects in shots],
             "annotations": {}}
+
+
+def send_webhook_secret(ls, project_id: int) -> None:
+    """Add the secret header to the webhook Label Studio created for the connection (Settings > Webhooks > Headers
+    in the UI): with WEBHOOK_SECRET set, event webhooks without it are refused."""
+    hooks = [h for h in ls.request("GET", f"/api/webhooks/?project={project_id}") if h["url"].rstrip("/").endswith("/webhook")]
+    assert hooks
+    for hook in hooks:
+        ls.request("PATCH", f"/api/webhooks/{hook['id']}/", json={"url": hook["url"], "headers": {"X-Livetrain-Secret": WEBHOOK_SECRET}})
 
 
 def rectangles(objects, width=160, height=120) -> list[dict]:
@@ -177,6 +189,10 @@ def test_update_and_delete_reach_the_next_version(ls, livetrain, project):
                          timeout=ROUND_TIMEOUT, interval=1.0, what="a version with the update and the deletion")
     assert version["name"] != v1["name"] and version["images"] == 3
     assert ls.ml(project["ml"]["id"])["state"] == "CO"  # no webhook or training call put the connection in error
+    # Label Studio's event webhooks carried WEBHOOK_SECRET in their header: counted, none refused
+    metrics = requests.get(livetrain.url + "/metrics", auth=AUTH, timeout=10).text
+    assert re.search(r'livetrain_webhook_events_total\{action="ANNOTATIONS_DELETED"\} [1-9]', metrics), metrics[-2000:]
+    assert not re.search(r'livetrain_http_requests_total\{[^}]*route="/webhook"[^}]*status="401"', metrics)
 
 
 
@@ -257,6 +273,7 @@ def mask_projects(ls, livetrain):
         ml = ls.connect_ml(created["id"], livetrain.url, auth_method="BASIC_AUTH", basic_auth_user=AUTH[0],
                            basic_auth_pass=AUTH[1])
         ls.update_project(created["id"], start_training_on_annotation_update=True)
+        send_webhook_secret(ls, created["id"])
         out[kind] = {"id": created["id"], "ml": ml, "kind": kind, "type": result_type,
                      "tasks": [by_name[f"{kind}{i}.png"] for i in range(MASK_IMAGES)],
                      "objects": [objects for _, objects in shots], "annotated": set()}

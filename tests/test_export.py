@@ -45,7 +45,8 @@ def server():
 
 def make_settings(model_dir, **kw) -> Settings:
     base = dict(model_dir=model_dir, download_weights=False, label_studio_url="", min_size=128, batch_size=2,
-                warmup_steps=2, decay_steps=4, checkpoint_every=100, learning_rate=0.02, score_threshold=THRESHOLD)
+                warmup_steps=2, decay_steps=4, checkpoint_every=100, learning_rate=0.02, score_threshold=THRESHOLD,
+                image_url_allowlist="127.0.0.1")  # the image server on 127.0.0.1 stands for a third-party host
     return Settings(**(base | kw))
 
 
@@ -177,7 +178,7 @@ def test_route_serves_a_zip_and_rejects_bad_requests(boxes):
     for query, status, words in [(f"/projects/{PROJECT}/export?format=tflite", 400, "unknown export format"),
                                  (f"/projects/{PROJECT}/export", 400, "torchscript, onnx"),
                                  (f"/projects/{PROJECT}/export?format=onnx&version=shapes-v9", 404, "no version 'shapes-v9'"),
-                                 (f"/projects/{PROJECT}/export?format=onnx&version=../../etc", 404, "no version"),
+                                 (f"/projects/{PROJECT}/export?format=onnx&version=../../etc", 400, "no version"),
                                  ("/projects/99/export?format=onnx", 404, "no model versions"),
                                  ("/projects/abc/export?format=onnx", 400, "invalid project")]:
         reply = client.get(query)

@@ -119,7 +119,7 @@ def test_a_version_saved_on_a_gpu_worker_is_served_on_cpu(tmp_path, monkeypatch,
     from tests.livetrain_fixtures import CONFIG, shapes_image
 
     app = create_app(Settings(model_dir=tmp_path, download_weights=False, label_studio_url="", min_size=128,
-                              predict_device="cpu", score_threshold=0.0))
+                              predict_device="cpu", score_threshold=0.0, image_url_allowlist="127.0.0.1"))
     starting = app.extensions["livetrain"].starting
     torch.manual_seed(0)
     with monkeypatch.context() as patch:
@@ -157,7 +157,9 @@ FORK_CHECK = textwrap.dedent('''
     settings = Settings.from_env(device="auto")
     create_app(settings)
     after_app = list(calls)
-    workers.LivetrainWorker.work = lambda self, **kw: None  # the parent's code path up to its first fork
+    # the parent's code path up to its first fork; then the worker stops as on SIGTERM (else run_worker's
+    # supervisor would start it again)
+    workers.LivetrainWorker.work = lambda self, **kw: setattr(workers.LivetrainWorker, "stop_requested_by_signal", True)
     workers.run_worker(settings, queue="training")
     print(json.dumps({"after_app": after_app, "after_worker": calls, "initialized": torch.cuda.is_initialized()}))
 ''')

@@ -83,7 +83,9 @@ def serve():
 
 
 def settings(tmp_path, **kw):
-    return Settings(model_dir=tmp_path, **kw)
+    # The servers here stand for third-party image hosts too: let their 127.0.0.1 through the SSRF guard
+    # (tests/test_ssrf.py covers the guard itself).
+    return Settings(model_dir=tmp_path, **({"image_url_allowlist": "127.0.0.1"} | kw))
 
 
 def image_bytes(w=32, h=24, fmt="PNG", mode="RGB", **save):

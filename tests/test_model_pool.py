@@ -23,7 +23,7 @@ def payload(project: str, urls: list[str]) -> dict:
 
 def make_app(tmp_path, **overrides):
     settings = Settings(model_dir=tmp_path, download_weights=False, label_studio_url="", min_size=128,
-                        score_threshold=0.0, max_loaded_models=2, **overrides)
+                        score_threshold=0.0, max_loaded_models=2, image_url_allowlist="127.0.0.1", **overrides)
     app = create_app(settings)
     starting = app.extensions["livetrain"].starting
     for i, project in enumerate(PROJECTS):  # each project its own weights (its own random head)

@@ -135,7 +135,7 @@ def test_web_process_on_another_machine_follows_the_bucket(tmp_path, s3, image_s
     state = starting.build(3).state_dict()
     meta = {"arch": starting.arch, "classes": ["Square", "Disc"]}
     env = {"MODEL_STORE": settings.model_store, "S3_ENDPOINT_URL": s3, "MIN_SIZE": "128", "WORKERS": "1",
-           "THREADS": "4", "RESCORE_ON_PUBLISH": "false", **CREDENTIALS}
+           "THREADS": "4", "RESCORE_ON_PUBLISH": "false", "IMAGE_URL_ALLOWLIST": "127.0.0.1", **CREDENTIALS}
     web = LivetrainServer(tmp_path / "web", env=env, worker=False)
     try:
         web.wait_ready(timeout=180)

@@ -91,6 +91,28 @@ def test_setup_cannot_redirect_label_studio_traffic(tmp_path, image_server):
         elsewhere.close()
 
 
+def test_setup_hostname_is_trusted_only_behind_basic_auth(tmp_path, image_server):
+    """Without LABEL_STUDIO_URL, /setup's hostname would be "Label Studio": exempt from the address check. Anyone
+    who reaches an unauthenticated backend could name the cloud metadata service so; only with Basic auth (Label
+    Studio sent it) is it trusted. Its token is the one /setup sent, never LABEL_STUDIO_API_KEY."""
+    from backend.errors import ImageError
+    from tests.conftest import png_bytes
+
+    image_server.add("/data/upload/1/a.png", png_bytes())
+    setup = {"project": "1.1", "schema": BOX_CONFIG, "hostname": image_server.url, "access_token": "setup-token"}
+    open_app = make_app(tmp_path / "open", label_studio_api_key="the-real-key-0123456789")
+    assert open_app.test_client().post("/setup", json=setup).status_code == 200
+    with pytest.raises(ImageError, match="LABEL_STUDIO_URL"):
+        open_app.extensions["livetrain"].fetcher.fetch("/data/upload/1/a.png")
+    assert image_server.requests == []
+
+    guarded = make_app(tmp_path / "guarded", label_studio_api_key="the-real-key-0123456789",
+                       basic_auth_user="ls", basic_auth_pass="pw")
+    assert guarded.test_client().post("/setup", json=setup, headers=basic("ls", "pw")).status_code == 200
+    guarded.extensions["livetrain"].fetcher.fetch("/data/upload/1/a.png")
+    assert [headers.get("Authorization") for _, headers in image_server.requests] == ["Token setup-token"]
+
+
 @pytest.mark.parametrize("name", ["../../2/versions/shapes-v1", "/tmp/shapes-v1", "..-v1", "shapes-v1/../../2/versions/shapes-v1",
                                   "shapes-v1\x00", ".tmp-x-v1"])
 def test_version_names_cannot_leave_the_project(tmp_path, name):

@@ -69,7 +69,7 @@ def mask_records(image_server, seeds, kind="polygons", count=None):
 
 def settings_for(tmp_path, **kw):
     base = dict(model_dir=tmp_path, download_weights=False, min_size=128, batch_size=2, warmup_steps=2, decay_steps=4,
-                checkpoint_every=4, learning_rate=0.01)
+                checkpoint_every=4, learning_rate=0.01, image_url_allowlist="127.0.0.1")  # the image server on 127.0.0.1 stands for a third-party host
     return Settings(**(base | kw))
 
 
@@ -308,7 +308,7 @@ def test_predict_route_serves_a_published_mask_version_and_health_names_the_mask
     from backend.api import create_app
 
     app = create_app(Settings(model_dir=tmp_path, download_weights=False, label_studio_url="", min_size=128,
-                              score_threshold=0.0))
+                              score_threshold=0.0, image_url_allowlist="127.0.0.1"))
     client = app.test_client()
     mask_model = client.get("/health").get_json()["mask_model"]
     assert (mask_model["model_class"], mask_model["weights_source"]) == ("maskrcnn_lite0_fpn", "imagenet-lite0")

@@ -30,7 +30,8 @@ def wait_for(url: str, seconds: float = 90.0, **kwargs) -> requests.Response:
 
 def test_serve_runs_gunicorn_worker_and_embedded_redis(tmp_path, image_server):
     port = free_port()
-    env = dict(os.environ, MODEL_DIR=str(tmp_path), DOWNLOAD_WEIGHTS="false", TORCH_HOME=str(tmp_path / "torch"))
+    env = dict(os.environ, MODEL_DIR=str(tmp_path), DOWNLOAD_WEIGHTS="false", TORCH_HOME=str(tmp_path / "torch"),
+               IMAGE_URL_ALLOWLIST="127.0.0.1")  # the image server on 127.0.0.1 stands for a third-party host
     env.pop("REDIS_URL", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "backend.cli", "serve", "--port", str(port)],

@@ -40,7 +40,8 @@ AUTH = ("pat", "s3cret")
 
 def settings_for(model_dir: Path, **kw) -> Settings:
     base = dict(model_dir=model_dir, download_weights=False, label_studio_url="", min_size=128, batch_size=1,
-                warmup_steps=1, decay_steps=1, checkpoint_every=1000, learning_rate=0.01, guard=False)
+                warmup_steps=1, decay_steps=1, checkpoint_every=1000, learning_rate=0.01, guard=False,
+                image_url_allowlist="127.0.0.1")  # the image server on 127.0.0.1 stands for a third-party host
     return Settings(**(base | kw))
 
 

@@ -35,7 +35,7 @@ def records_for(image_server, seeds, width=160, height=120):
 
 def settings_for(tmp_path, **kw):
     base = dict(model_dir=tmp_path, download_weights=False, min_size=128, batch_size=2, warmup_steps=2, decay_steps=4,
-                checkpoint_every=4, learning_rate=0.01)
+                checkpoint_every=4, learning_rate=0.01, image_url_allowlist="127.0.0.1")  # the image server on 127.0.0.1 stands for a third-party host
     base.update(kw)
     return Settings(**base)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, jsonify
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from backend.errors import LivetrainError
 
@@ -16,6 +16,12 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(LivetrainError)
     def livetrain_error(exc: LivetrainError):
         return jsonify(error=exc.message), exc.status
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(exc: RequestEntityTooLarge):
+        limit = app.config.get("MAX_CONTENT_LENGTH")
+        return jsonify(error=f"request body is over the limit of {limit} bytes (MAX_REQUEST_BYTES); send fewer "
+                             "tasks per request, or raise MAX_REQUEST_BYTES"), 413
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

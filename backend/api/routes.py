@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 
 import redis
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, current_app, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from backend import __version__
 from backend.api import metrics
 from backend.api.state import state
-from backend.errors import BadRequest, ServiceUnavailable
+from backend.errors import BadRequest, NotFound, ServiceUnavailable
 from backend.inference.predictor import BASE_VERSION
 from backend.jobs.connection import ping
 from backend.jobs.jobs import job_report
@@ -20,7 +22,7 @@ from backend.jobs.rescoring import complete_options, enqueue_complete, enqueue_r
 from backend.jobs.state import ProjectState, known_projects, save_ls_fallback
 from backend.jobs.training import enqueue_training, rollback_to
 from backend.labelstudio.label_config import parse_label_config
-from backend.labelstudio.protocol import project_id
+from backend.labelstudio.protocol import project_id, short_repr
 from backend.model_store.stores import list_projects, version_store
 
 log = logging.getLogger(__name__)
@@ -28,11 +30,15 @@ bp = Blueprint("livetrain", __name__)
 
 
 def json_body() -> dict:
-    raw = request.get_data(cache=True)
+    raw = request.get_data(cache=True)  # 413 (errors.py) when Content-Length is over MAX_REQUEST_BYTES
+    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    if limit is not None and request.content_length is None and len(raw) >= limit and request.environ["wsgi.input"].read(1):
+        # A chunked body (no Content-Length) is cut at the limit by Werkzeug without an error: one byte more is too large.
+        raise RequestEntityTooLarge()
     try:
         body = json.loads(raw or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: arrays nested ~100k deep
+        raise BadRequest(f"request body is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     return body
@@ -78,9 +84,10 @@ def setup():
     body = json_body()
     project = project_id(body.get("project"))
     control = parse_label_config(body.get("schema")).primary  # a 400 here tells the user at connect time
-    state().fetcher.set_fallback(body.get("hostname"), body.get("access_token"))
+    hostname, token = (v if isinstance(v, str) else None for v in (body.get("hostname"), body.get("access_token")))
+    state().fetcher.set_fallback(hostname, token)
     try:  # the worker may need them too (when LABEL_STUDIO_URL / _API_KEY are not set)
-        save_ls_fallback(state().redis, body.get("hostname"), body.get("access_token"))
+        save_ls_fallback(state().redis, hostname, token)
     except redis.RedisError as exc:
         log.warning("could not share Label Studio's address with the worker: %s", exc)
     return jsonify(model_version=state().predictor.version(project, control))
@@ -94,6 +101,9 @@ def predict():
         raise BadRequest("'tasks' must be a list of task objects")
     project = project_id(body.get("project"))
     config = parse_label_config(body.get("label_config"))
+    # a task whose data is not an object gets an empty prediction ("no image URL"), like a task whose image fails
+    tasks = [{**t, "data": t.get("data") if isinstance(t.get("data"), dict) else {},
+              "annotations": t.get("annotations") if isinstance(t.get("annotations"), list) else []} for t in tasks]
     started = time.perf_counter()
     results = state().predictor.predict(tasks, config, project)
     log.info("predicted %d task(s) for project %s in %.0f ms", len(tasks), project, 1000 * (time.perf_counter() - started))
@@ -116,9 +126,10 @@ def webhook():
     metrics.count_webhook(action)
     if action != "START_TRAINING" and action not in ANNOTATION_EVENTS:
         return jsonify(status="ignored", action=action)
-    project = project_id(body.get("project") or (body.get("annotation") or {}).get("project"))
-    tasks = [t.get("id") for t in [body.get("task") or {}] + list(body.get("tasks") or []) if isinstance(t, dict) and t.get("id")]
-    deleted = [a.get("id") for a in body.get("annotations") or [] if isinstance(a, dict) and a.get("id")] if action == "ANNOTATIONS_DELETED" else []
+    annotation = body.get("annotation") if isinstance(body.get("annotation"), dict) else {}
+    project = project_id(body.get("project") or annotation.get("project"))
+    tasks = _ids([body.get("task")] + _list(body.get("tasks")))
+    deleted = _ids(_list(body.get("annotations"))) if action == "ANNOTATIONS_DELETED" else []
     settings = state().settings
     try:
         queued = None
@@ -130,6 +141,16 @@ def webhook():
         raise ServiceUnavailable(f"cannot queue training, Redis is unavailable ({exc}). Nothing is lost: the worker "
                                  "re-reads Label Studio at its next sync and on startup.") from None
     return jsonify(status="ok", action=action, project=project, queued=queued is not None)
+
+
+def _list(value) -> list:
+    return value if isinstance(value, list) else []
+
+
+def _ids(objects) -> list[int]:
+    """The ``id`` of each object that has a positive integer one (a webhook payload is only a hint: others are skipped)."""
+    ids = [o.get("id") for o in objects if isinstance(o, dict)]
+    return [i for i in ids if isinstance(i, int) and not isinstance(i, bool) and 0 < i < 2**63]
 
 
 @bp.get("/versions")
@@ -149,7 +170,7 @@ def versions():
 
 VERSION_FIELDS = ("name", "active", "parent", "images", "new_images", "annotations", "classes", "mode", "steps",
                   "losses", "quality", "duration_s", "published_at", "trained_annotations", "validation", "held_back",
-                  "guard", "final", "session")
+                  "guard", "final", "session", "error")
 
 
 @bp.post("/projects/<project>/rollback")
@@ -159,10 +180,19 @@ def rollback(project):
     if not isinstance(version, str) or not version:
         raise BadRequest("body must be {\"version\": \"<name>\"}; GET /versions?project=ID lists them")
     project = project_id(project)
+    version = version_name(version, project)
     rollback_to(state().settings, project, version)
     if state().settings.rescore_on_publish:  # Label Studio's scores and model_version follow the served version
         rescore_after_publish(state().redis, project)
     return jsonify(status="ok", project=project, active=version)
+
+
+def version_name(name: str, project: str) -> str:
+    """``name`` when it looks like a version name (``<prefix>-v<N>``), else a 400 (it would name a folder)."""
+    if len(name) > 120 or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*-v\d+", name):
+        raise BadRequest(f"no version {short_repr(name)} in project {project}: version names look like 'cells-v3'; "
+                         f"GET /versions?project={project} lists them")
+    return name
 
 
 @bp.get("/projects/<project>/export")
@@ -174,7 +204,8 @@ def export(project):
 
     project, settings = project_id(project), state().settings
     fmt = check_format(request.args.get("format", ""))
-    path, filename = export_zip(settings, project, request.args.get("version") or None, fmt,
+    version = request.args.get("version") or None
+    path, filename = export_zip(settings, project, version and version_name(version, project), fmt,
                                 min_size=settings.min_size, score_threshold=settings.score_threshold,
                                 max_detections=settings.max_detections)
     return send_file(path, mimetype="application/zip", as_attachment=True, download_name=filename)
@@ -222,6 +253,8 @@ def complete(project):
 @bp.get("/jobs/<job_id>")
 def job(job_id):
     """A background job's status, progress, result and error."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,200}", job_id):  # RQ raises ValueError on any other id
+        raise NotFound(f"no job {short_repr(job_id)}: job ids are letters, digits, '-' and '_'")
     try:
         return jsonify(job_report(state().redis, job_id))
     except redis.RedisError as exc:

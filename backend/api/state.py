@@ -37,7 +37,7 @@ class AppState:
         pool = ModelPool(starting_for, settings.model_dir, settings.serving_device, settings.min_size,
                          capacity=settings.max_loaded_models, store=lambda project: version_store(settings, project))
         predictor = Predictor.from_settings(pool, fetcher, settings)
-        return cls(settings, starting_for, fetcher, predictor, connect(settings))
+        return cls(settings, starting_for, fetcher, predictor, connect(settings, web=True))
 
 
 def state() -> AppState:

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 RAW_SCORE_FLOOR = 0.05  # the detector keeps candidates above this; the uncertainty score looks at all of them
 FORWARD_BATCH = 4  # images per forward: batching helps a little on CPU, more on GPU
 REFRESH_SECONDS = 1.0  # how often a web process looks for a newly published version
+PREDICT_SLOTS = 3  # /predict calls per process working at once: one forwarding, two fetching and decoding
 
 
 @dataclass
@@ -121,9 +122,11 @@ class ModelPool:
 
     def load_latest(self, project: str, control: ControlTag) -> LoadedModel | None:
         store = self.store(project)
-        name = store.active()
-        if name is not None:
-            state, meta = store.load(name)
+        # the active version; one whose files are damaged (or were deleted) is passed over, with the reason
+        # logged and shown in GET /versions, for the newest whole version before it
+        found = store.load_active()
+        if found is not None:
+            name, state, meta = found
             if version_task(meta) == control.task:
                 log.info("project %s: serving version %s", project, name)
                 return LoadedModel(model_from_version(state, meta, self.min_size), name, tuple(meta["classes"]))
@@ -192,6 +195,11 @@ class Predictor:
         # forwards to one dedicated thread instead measured ~35% slower in gunicorn than running them on
         # the request thread; scripts/bench_predict.py shows the difference.)
         self._forward_lock = threading.Lock()
+        # At most this many /predict calls of a process fetch, decode and forward at once; the others wait
+        # here, before holding any image. Forwards are serialised anyway, so more would only add memory; and
+        # with a few more gunicorn THREADS than this, a burst of predictions leaves threads free for webhooks
+        # (Label Studio waits 1 s for an event webhook, and an annotator's submit waits for START_TRAINING).
+        self._admission = threading.BoundedSemaphore(PREDICT_SLOTS)
 
     @classmethod
     def from_settings(cls, pool: ModelPool | None, fetcher: ImageFetcher, settings, skip_annotated: bool | None = None):
@@ -224,6 +232,11 @@ class Predictor:
         """One prediction per task with ``loaded``; ``threshold`` / ``max_detections`` override the settings
         (and the tag's ``model_score_threshold``). A task whose image failed, or that was skipped, gets an
         empty result with ``score: None``."""
+        with self._admission:
+            return self._predict_admitted(loaded, tasks, control, threshold, max_detections, skip_annotated)
+
+    def _predict_admitted(self, loaded: LoadedModel, tasks: list[dict], control: ControlTag,
+                          threshold: float | None, max_detections: int | None, skip_annotated: bool) -> list[dict]:
         todo = [i for i, t in enumerate(tasks) if not (skip_annotated and has_annotations(t))]
         images = dict(zip(todo, self._fetch_pool.map(lambda i: self._load_image(tasks[i], control), todo)))
         outputs: dict[int, dict] = {}

@@ -15,9 +15,9 @@ first batch is written (so the label stream serves the most uncertain of the fre
   most useful tasks first until a newer version supersedes it (checked between batches: that version's
   own job takes over) or RESCORE_LIMIT is reached. It runs on a worker of its own (RESCORE_NICE,
   RESCORE_THREADS; ``backend/jobs/workers.py``), so it makes progress while a session trains.
-* Label Studio down or slow: the job queues itself again after a delay (RETRY_DELAYS), then fails with
-  Label Studio's error in the project status. Training never waits for it: the enqueue after a version is
-  wrapped so that no failure here can fail the session.
+* Label Studio down or slow: the job queues itself again after a growing delay (RETRY_DELAYS: 5 s, 15 s,
+  ... 10 min), then fails with Label Studio's error in the project status. Training never waits for it:
+  the enqueue after a version is wrapped so that no failure here can fail the session.
 
 ``complete_tasks`` (``POST /projects/<id>/complete``, ``livetrain complete``) is the same code path over
 all or selected tasks with its own min score / max detections, optionally removing the tasks' existing
@@ -53,7 +53,9 @@ from backend.settings import Settings
 log = logging.getLogger(__name__)
 
 JOB_TIMEOUT = 6 * 3600
-RETRY_DELAYS = (30, 120, 600)  # seconds before each new try while Label Studio is unavailable
+# seconds before each new try while Label Studio is unavailable: short at first (a restart of Label Studio takes
+# seconds), growing threefold, then 10 minutes; after the last one the job fails with Label Studio's error
+RETRY_DELAYS = (5, 15, 45, 135, 405, 600, 600)
 
 
 # -- queueing -------------------------------------------------------------------------------------

@@ -11,6 +11,16 @@ After it lets go of the lock it looks for marks once more, so a submit that race
 Fair share: when another project's session waits in the queue and this one ran SESSION_SLICE seconds, it
 publishes, checkpoints, queues itself behind and exits. A killed worker loses the steps since the last
 checkpoint (CHECKPOINT_EVERY); the next session resumes from it (``TrainingSession.resume``).
+
+Faults, each survived without manual action:
+
+* Label Studio down: a session that has synced before trains on and retries its sync with a growing pause
+  (``feed.retry_delay``: seconds at first, five minutes at most); a first sync that fails, or marks left when a session
+  ends, queue the session again after such a pause (``enqueue_training(delay=...)``; RQ's scheduler runs it).
+* Redis lost mid-session: the session checkpoints (nothing trained is lost), waits for Redis, and queues a
+  session with a full sync that resumes from the checkpoint and finds what was labeled meanwhile.
+* A version that cannot be written (a full disk): the error goes to the project status, nothing partial stays,
+  the active version stays served, and the session trains on and tries again at the next interval.
 """
 
 from __future__ import annotations
@@ -20,20 +30,19 @@ import threading
 import time
 import traceback
 import uuid
+from datetime import timedelta
 
 import redis
 from rq import get_current_job
 
 from backend.errors import BadRequest, LivetrainError
 from backend.jobs import counters
-from backend.jobs.connection import connect
+from backend.jobs.connection import connect, wait_for_redis
 from backend.jobs.queue import job_queue
 from backend.jobs.rescoring import rescore_after_publish
-from backend.jobs.state import ProjectState, ls_credentials
-from backend.jobs.sync import sync_marked, sync_project
-from backend.labelstudio.client import LabelStudioClient, LabelStudioUnavailable
-from backend.labelstudio.images import ImageFetcher
-from backend.labelstudio.label_config import parse_label_config
+from backend.jobs.feed import Feed, retry_delay
+from backend.jobs.state import ProjectState
+from backend.labelstudio.client import LabelStudioUnavailable
 from backend.model_store.models import pick_device, version_task
 from backend.model_store.stores import version_store
 from backend.model_store.weights import StartingWeightsByTask
@@ -47,7 +56,9 @@ log = logging.getLogger(__name__)
 JOB_TIMEOUT = 24 * 3600  # a session of a busy project may run for hours (fair share pauses it when others wait)
 POLL_SECONDS = 1.0  # how often a session looks for marks (one Redis call)
 STATUS_SECONDS = 2.0  # how often it reports progress and checks the queue for other projects
-RETRY_SECONDS = 10.0  # after Label Studio failed a sync, the session trains on and tries again this much later
+PUBLISH_RETRY_CAP = 120.0  # a publish that failed (a full disk) is tried again after PUBLISH_INTERVAL, doubling up to this
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+
 
 # Set the pending key unless a session holds the project's lock (then it takes the marks in itself) or a
 # job is pending already. KEYS: lock, pending; ARGV: job id, ttl, force (ignore the lock).
@@ -59,10 +70,11 @@ return 0
 
 
 def enqueue_training(connection: redis.Redis, project: str, full: bool = False, tasks=(), deleted=(),
-                     force: bool = False) -> str | None:
+                     force: bool = False, delay: float = 0, attempt: int = 0) -> str | None:
     """Record the changed ``tasks`` / ``deleted`` annotations and queue a session for ``project`` unless one
     is pending or running, in one Redis round trip (this is the webhook's hot path); returns the new job id
-    or None. ``force``: queue even while a session runs (it is about to exit: fair share, worker start)."""
+    or None. ``force``: queue even while a session runs (it is about to exit: fair share, worker start).
+    ``delay``: run it that many seconds from now (a retry while Label Studio is down; ``attempt`` counts them)."""
     state = ProjectState(connection, project)
     job_id = f"train-{project}-{uuid.uuid4().hex[:12]}"
     pipe = connection.pipeline(transaction=False)
@@ -71,8 +83,12 @@ def enqueue_training(connection: redis.Redis, project: str, full: bool = False, 
     if not pipe.execute()[-1]:
         return None
     try:
-        job_queue(connection).enqueue(train_project, project, job_id=job_id, job_timeout=JOB_TIMEOUT,
-                                      result_ttl=3600, failure_ttl=7 * 24 * 3600, description=f"train project {project}")
+        options = dict(job_id=job_id, job_timeout=JOB_TIMEOUT, result_ttl=3600, failure_ttl=7 * 24 * 3600,
+                       description=f"train project {project}")
+        if delay:
+            job_queue(connection).enqueue_in(timedelta(seconds=delay), train_project, project, attempt, **options)
+        else:
+            job_queue(connection).enqueue(train_project, project, attempt, **options)
     except Exception:
         connection.delete(state.pending_key)
         raise
@@ -103,9 +119,9 @@ class _LockKeeper:
                 log.exception("could not renew the project lock")
 
 
-def train_project(project: str) -> dict:
+def train_project(project: str, attempt: int = 0) -> dict:
     """The RQ job: one training session. Returns a short report; raises (job failed, status 'error') when
-    the session fails."""
+    the session fails. ``attempt``: how many tries in a row Label Studio was unavailable (the retry pause)."""
     settings = Settings.from_env()
     connection = connect(settings)
     state = ProjectState(connection, project)
@@ -122,10 +138,23 @@ def train_project(project: str) -> dict:
     if not acquired:  # another session runs for this project: it takes the marks in
         return {"published": None, "reason": "another session of this project is running"}
     report: dict = {}
+    redis_lost = False
     try:
         state.set_status(state="syncing")
         with _LockKeeper(lock, settings.lock_ttl):
             report = _train_locked(settings, connection, state, project)
+    except REDIS_ERRORS as exc:
+        # Redis restarted or unreachable: the session checkpointed (``_run``); continue once it is back
+        log.warning("project %s: lost Redis (%s); the session stopped and continues once Redis is back", project, exc)
+        wait_for_redis(connection, f"project {project}")
+        redis_lost = True
+    except LabelStudioUnavailable as exc:  # the first sync failed and nothing was ever synced: try again later
+        delay = retry_delay(attempt + 1)
+        message = f"{exc.message} (trying again in {delay:.0f} s)"
+        state.set_status(state="idle", last_error=message, waiting=f"Label Studio unavailable; trying again in {delay:.0f} s")
+        state.add_error("training", message)
+        log.warning("project %s: %s", project, message)
+        report = {"published": None, "label_studio_unavailable": True}
     except Exception as exc:
         message = exc.message if isinstance(exc, LivetrainError) else f"{type(exc).__name__}: {exc}"
         state.set_status(state="error", last_error=message, progress=None)
@@ -137,79 +166,26 @@ def train_project(project: str) -> dict:
             lock.release()
         except Exception:  # expired meanwhile: nothing to release
             pass
-    # A submit that came as the session ended starts the next one; not while Label Studio fails (its marks
-    # wait for the next webhook or worker start, instead of a job after job that cannot sync).
-    if report.get("end") not in ("slice", "rolled back") and not report.get("label_studio_unavailable") \
-            and state.has_marks():
+    if redis_lost:  # a full sync: what was labeled while Redis was down (its webhooks got 503s) is found
+        return {"published": None, "redis_lost": True,
+                "requeued": enqueue_training(connection, project, full=True, force=True)}
+    # While Label Studio fails: the session again after a growing pause (not a job after job that cannot sync),
+    # if its first sync failed or marks wait. Otherwise a submit that came as the session ended starts the next.
+    if report.get("label_studio_unavailable") and ("end" not in report or state.has_marks()):
+        next_attempt = attempt + 1
+        report["retry"] = enqueue_training(connection, project, delay=retry_delay(next_attempt), attempt=next_attempt)
+    elif report.get("end") not in ("slice", "rolled back") and state.has_marks():
         enqueue_training(connection, project)
     return report
 
 
-class _Feed:
-    """The session's view of Label Studio: the first sync, then the marked tasks between steps."""
-
-    def __init__(self, settings: Settings, connection: redis.Redis, state: ProjectState, project: str):
-        self.settings, self.state, self.project = settings, state, project
-        self.training_set = TrainingSet(settings.model_dir, project)
-        self.fetcher = ImageFetcher(settings)
-        self.fetcher.on_failure = counters.fetch_failure_hook(connection, "training")
-        self.connection = connection
-        self.client = None
-        self.control = None
-        self.title = state.status().get("title") or f"project-{project}"
-        self.retry_at = 0.0
-        self.unavailable = False  # Label Studio failed the last sync (its marks were put back)
-
-    def first_sync(self) -> None:
-        dirty, deleted, full = self.state.pop_marks()
-        try:
-            url, key = ls_credentials(self.settings, self.connection)
-            self.fetcher.set_fallback(url, key)
-            self.client = LabelStudioClient(url, key)
-            info = self.client.project(self.project)
-            self.control = parse_label_config(info["label_config"]).primary
-            self.title = info.get("title") or self.title
-            sync_project(self.client, self.project, self.control, self.training_set, dirty, deleted, full)
-            self.unavailable = False
-        except LabelStudioUnavailable as exc:
-            # Label Studio down: keep the marks for later and train on what was synced before, if anything
-            self.state.restore_marks(dirty, deleted, full)
-            self.unavailable = True
-            if self.training_set.synced_at is None:
-                raise
-            log.warning("project %s: %s; training on the last synced data", self.project, exc.message)
-            self.retry_at = time.monotonic() + RETRY_SECONDS
-
-    def poll(self) -> bool:
-        """Take in what webhooks marked since the last look; True when the training set may have changed."""
-        if time.monotonic() < self.retry_at or not self.state.has_marks():
-            return False
-        dirty, deleted, full = self.state.pop_marks()
-        try:
-            if self.client is None or self.control is None:
-                self.state.restore_marks(dirty, deleted, full)
-                self.first_sync()
-            elif full:
-                sync_project(self.client, self.project, self.control, self.training_set, dirty, deleted, True)
-            else:
-                sync_marked(self.client, self.project, self.control, self.training_set, dirty, deleted)
-            self.unavailable = False
-        except LabelStudioUnavailable as exc:
-            self.state.restore_marks(dirty, deleted, full)
-            self.unavailable = True
-            log.warning("project %s: %s; trying again in %.0f s", self.project, exc.message, RETRY_SECONDS)
-            self.retry_at = time.monotonic() + RETRY_SECONDS
-            return False
-        return True
-
-
 def _train_locked(settings: Settings, connection: redis.Redis, state: ProjectState, project: str) -> dict:
-    feed = _Feed(settings, connection, state, project)
+    feed = Feed(settings, connection, state, project)
     report = _train(settings, connection, state, project, feed)
     return dict(report, label_studio_unavailable=feed.unavailable)
 
 
-def _train(settings: Settings, connection: redis.Redis, state: ProjectState, project: str, feed: "_Feed") -> dict:
+def _train(settings: Settings, connection: redis.Redis, state: ProjectState, project: str, feed: "Feed") -> dict:
     feed.first_sync()
     training_set = feed.training_set
     records = training_set.ordered()
@@ -255,16 +231,50 @@ def _other_project_waits(connection: redis.Redis, project: str) -> bool:
     return any(not job_id.startswith(f"train-{project}-") for job_id in job_queue(connection).get_job_ids())
 
 
-def _run(settings: Settings, connection: redis.Redis, state: ProjectState, project: str, feed: _Feed,
+def _run(settings: Settings, connection: redis.Redis, state: ProjectState, project: str, feed: Feed,
          session: TrainingSession) -> dict:
+    started = time.monotonic()
+    counted = counters.StepCounter(connection, project, session.steps)  # GET /metrics: livetrain_training_steps
+    state.set_status(state="training", waiting=None, session=session.status(), last_error=None)
+    publisher = _Publisher(settings, connection, state, session)
+    try:
+        end = _loop(settings, connection, state, project, feed, session, counted, publisher, started)
+        point = session.loss_point()
+        if point is not None:
+            state.add_loss(point)
+        if end == "rolled back":
+            session.clear_checkpoint()
+            enqueue_training(connection, project, force=True)
+        elif session.loss_steps or session.has_new():
+            if not publisher.publish() and end != "slice":
+                _checkpoint(session)  # the final version could not be written: the next session resumes here
+                end = "publish failed"
+        if end == "slice":  # let the waiting project train; continue from here afterwards
+            _checkpoint(session)
+            enqueue_training(connection, project, force=True)
+        elif end not in ("rolled back", "publish failed"):
+            session.clear_checkpoint()
+    except REDIS_ERRORS:
+        _checkpoint(session)  # what it trained is kept: the session queued once Redis is back resumes from here
+        raise
+    counted.update(session.steps)
+    counters.session_ended(connection, project, time.monotonic() - started)
+    final = dict(session.status(), ended_at=time.time(), end_reason=end)
+    state.set_status(state="idle", session=None, last_session=final, progress=None)
+    log.info("project %s: session ended (%s) after %d steps, %d version(s)", project, end, session.steps,
+             len(session.versions))
+    return {"published": session.versions[-1] if session.versions else None, "versions": session.versions,
+            "steps": session.steps, "end": end}
+
+
+def _loop(settings: Settings, connection: redis.Redis, state: ProjectState, project: str, feed: Feed,
+          session: TrainingSession, counted, publisher: "_Publisher", started: float) -> str:
+    """Train until the session ends; returns why (idle, slice, rolled back, too few images)."""
     job = get_current_job()
-    started = last_activity = last_publish = last_status = time.monotonic()
+    last_activity = last_status = started
     last_poll = 0.0
     checkpointed = session.steps
-    counted = counters.StepCounter(connection, project, session.steps)  # GET /metrics: livetrain_training_steps
-    end = None
-    state.set_status(state="training", waiting=None, session=session.status(), last_error=None)
-    while end is None:
+    while True:
         now = time.monotonic()
         if now - last_poll >= POLL_SECONDS:
             last_poll = now
@@ -279,8 +289,7 @@ def _run(settings: Settings, connection: redis.Redis, state: ProjectState, proje
                     session.decay_at = None
                 state.set_status(labeled_images=len(records), validation_images=len(session.validator.records))
                 if len(session.sampler.records) < settings.min_annotations:
-                    end = "too few images"
-                    break
+                    return "too few images"
         if now - last_status >= STATUS_SECONDS:
             last_status = now
             state.set_status(session=session.status())
@@ -292,43 +301,60 @@ def _run(settings: Settings, connection: redis.Redis, state: ProjectState, proje
                 job.meta["progress"] = session.status()
                 job.save_meta()
             if session.store.active() != session.active_name:
-                end = "rolled back"  # someone chose another version: train on from that one, in a new session
-                break
+                return "rolled back"  # someone chose another version: train on from that one, in a new session
             if now - started >= settings.session_slice and _other_project_waits(connection, project):
-                end = "slice"
-                break
+                return "slice"
         if session.decay_at is None and now - last_activity >= settings.idle_after and session.settled():
             log.info("project %s: idle; decaying the learning rate over %d steps", project, session.start_decay())
         session.step()
-        if session.decay_done():
-            end = "idle"
         if session.steps - checkpointed >= settings.checkpoint_every:
-            session.checkpoint()
+            _checkpoint(session)
             checkpointed = session.steps
-        if session.has_new() and time.monotonic() - last_publish >= settings.publish_interval:
-            _publish(settings, connection, state, session)
-            last_publish = time.monotonic()
-    point = session.loss_point()
-    if point is not None:
-        state.add_loss(point)
-    if end == "rolled back":
-        session.clear_checkpoint()
-        enqueue_training(connection, project, force=True)
-    elif session.loss_steps or session.has_new():
-        _publish(settings, connection, state, session)
-    if end == "slice":  # let the waiting project train; continue from here afterwards
+        if session.decay_done():
+            return "idle"
+        if session.has_new() and publisher.due():
+            publisher.publish()
+
+
+def _checkpoint(session: TrainingSession) -> None:
+    """A checkpoint, or a logged error: a full disk must not end the session (the last one, if any, stays)."""
+    try:
         session.checkpoint()
-        enqueue_training(connection, project, force=True)
-    elif end != "rolled back":
-        session.clear_checkpoint()
-    counted.update(session.steps)
-    counters.session_ended(connection, project, time.monotonic() - started)
-    final = dict(session.status(), ended_at=time.time(), end_reason=end)
-    state.set_status(state="idle", session=None, last_session=final, progress=None)
-    log.info("project %s: session ended (%s) after %d steps, %d version(s)", project, end, session.steps,
-             len(session.versions))
-    return {"published": session.versions[-1] if session.versions else None, "versions": session.versions,
-            "steps": session.steps, "end": end}
+    except OSError as exc:
+        log.error("project %s: could not write the session checkpoint: %s", session.inputs.project, exc)
+
+
+class _Publisher:
+    """Publishes every PUBLISH_INTERVAL; a version that cannot be written (a full disk, a read-only volume) is
+    reported in the project status, leaves nothing behind (``VersionStore.publish``) and the active version
+    served, and is tried again after a growing pause, while the session trains on."""
+
+    def __init__(self, settings: Settings, connection: redis.Redis, state: ProjectState, session: TrainingSession):
+        self.settings, self.connection, self.state, self.session = settings, connection, state, session
+        self.last = time.monotonic()
+        self.failures = 0
+
+    def due(self) -> bool:
+        pause = retry_delay(self.failures, self.settings.publish_interval, PUBLISH_RETRY_CAP) if self.failures \
+            else self.settings.publish_interval
+        return time.monotonic() - self.last >= pause
+
+    def publish(self) -> bool:
+        try:
+            _publish(self.settings, self.connection, self.state, self.session)
+            self.failures = 0
+            return True
+        except OSError as exc:
+            self.failures += 1
+            project, active = self.session.inputs.project, self.session.active_name
+            message = (f"could not publish a version ({type(exc).__name__}: {exc}); {active or 'the base model'} "
+                       f"stays active, trying again in {retry_delay(self.failures, self.settings.publish_interval, PUBLISH_RETRY_CAP):.0f} s")
+            log.error("project %s: %s", project, message)
+            self.state.set_status(last_error=message)
+            self.state.add_error("training", message)
+            return False
+        finally:
+            self.last = time.monotonic()
 
 
 def _publish(settings: Settings, connection: redis.Redis, state: ProjectState, session: TrainingSession) -> None:

@@ -13,6 +13,13 @@ the niceness ``livetrain worker`` started with. RQ runs each job in a forked wor
 niceness, and the torch thread count is set again in it (cheap, and certain whatever the OpenMP runtime
 does across fork).
 
+Redis restarted or unreachable: RQ's own wait for a job rides it out, but its work loop quits on a Redis error
+anywhere else (a heartbeat while a job runs, its bookkeeping after a job). ``run_worker`` is therefore a
+supervisor: the heartbeats of a running job tolerate a lost Redis (the job goes on), and when the RQ worker
+quits for any reason but a stop request, it waits for Redis, queues the catch-up sessions again (a full
+sync: what was labeled while Redis was down is found) and starts a fresh RQ worker. The process never
+exits for good on its own.
+
 CUDA: this parent process never touches it (not even ``torch.cuda.is_available()``, which calls cuInit):
 CUDA does not survive a fork, so each work horse picks its device (DEVICE) and initialises CUDA itself.
 ``fork_work_horse`` logs an error if something broke that rule.
@@ -32,7 +39,7 @@ import redis
 import torch
 from rq import Worker
 
-from backend.jobs.connection import connect, redis_url_for
+from backend.jobs.connection import connect, redis_url_for, wait_for_redis
 from backend.jobs.queue import job_queue, rescore_queue
 from backend.settings import Settings
 
@@ -49,6 +56,15 @@ class LivetrainWorker(Worker):
 
     torch_threads: int = 1
     companion: "RescoreWorkerChild | None" = None
+    stop_requested_by_signal = False  # SIGTERM/SIGINT: run_worker must not start it again
+
+    def maintain_heartbeats(self, job, execution):
+        # Called every job_monitoring_interval while a job runs. RQ lets a Redis error here end the worker,
+        # leaving the work horse unwatched; the job may well outlive a Redis restart, so keep waiting for it.
+        try:
+            super().maintain_heartbeats(job, execution)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("job %s: no heartbeat, Redis is unavailable (%s); the job goes on", job.id, exc)
 
     def fork_work_horse(self, job, queue):
         if torch.cuda.is_initialized():  # a flag, no CUDA call: the horse could not use the GPU
@@ -61,11 +77,13 @@ class LivetrainWorker(Worker):
         super().main_work_horse(job, queue)
 
     def request_stop(self, signum, frame):  # first SIGTERM/SIGINT: warm shutdown, after the running job
+        LivetrainWorker.stop_requested_by_signal = True
         if self.companion is not None:
             self.companion.forward(signum)
         super().request_stop(signum, frame)
 
     def request_force_stop(self, signum, frame):  # the second: cold shutdown, the running job is killed
+        LivetrainWorker.stop_requested_by_signal = True
         if self.companion is not None:
             self.companion.forward(signum)
         super().request_force_stop(signum, frame)
@@ -192,16 +210,9 @@ def run_worker(settings: Settings, queue: str = "all", parent_pid: int | None = 
 
         if queue == "rescore":
             set_share("re-scoring", base + settings.rescore_nice, settings.rescore_threads)
-            worker = LivetrainWorker([rescore_queue(connection)], connection=connection)
         else:
             set_share("training", base + settings.train_nice, settings.training_threads)
-            _catch_up(settings, connection)
-            worker = LivetrainWorker([job_queue(connection)], connection=connection)
-            worker.companion = companion
-        worker.torch_threads = torch.get_num_threads()
-        # The scheduler moves delayed jobs (re-scoring retried while Label Studio is down) into their queue;
-        # each worker's scheduler serves that worker's queue.
-        worker.work(with_scheduler=True)
+        _supervise(settings, connection, queue, companion)
     finally:
         if companion is not None:
             # From here a further SIGTERM/SIGINT (e.g. serve's own after the one its process group got) is
@@ -210,6 +221,36 @@ def run_worker(settings: Settings, queue: str = "all", parent_pid: int | None = 
                 signal.signal(sig, lambda signum, frame: companion.forward(signum))
             companion.stop()
     return 0
+
+
+def _supervise(settings: Settings, connection: redis.Redis, queue: str, companion: "RescoreWorkerChild | None") -> None:
+    """Run the RQ worker; start a fresh one whenever it quits without a stop request (see the module doc)."""
+    what = "re-scoring worker" if queue == "rescore" else "training worker"
+    previous = None
+    while True:
+        try:
+            wait_for_redis(connection, what)
+            if previous is not None and previous.scheduler is not None:
+                try:  # the old scheduler's lock would keep the new worker's scheduler off for a minute
+                    previous.scheduler.release_locks()
+                except Exception:
+                    pass
+            if queue != "rescore":
+                _catch_up(settings, connection)  # also after Redis came back: a full sync finds what was missed
+            worker = LivetrainWorker([rescore_queue(connection) if queue == "rescore" else job_queue(connection)],
+                                     connection=connection)
+            worker.companion = companion
+            worker.torch_threads = torch.get_num_threads()
+            previous = worker
+            # The scheduler moves delayed jobs (retries while Label Studio is down) into their queue; each
+            # worker's scheduler serves that worker's queue.
+            worker.work(with_scheduler=True)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("%s: lost Redis (%s)", what, exc)
+        if LivetrainWorker.stop_requested_by_signal:
+            return
+        log.warning("%s: the RQ worker quit; starting it again once Redis answers", what)
+        time.sleep(1.0)
 
 
 def _catch_up(settings: Settings, connection: redis.Redis) -> None:

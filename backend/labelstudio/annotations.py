@@ -94,7 +94,9 @@ def _annotation_key(annotation: dict) -> tuple[datetime, int]:
 
 def choose_annotation(annotations) -> dict | None:
     """The newest (updated_at, then id) annotation that is not cancelled/skipped; ground truth first."""
-    usable = [a for a in annotations or () if isinstance(a, dict) and not a.get("was_cancelled")]
+    if not isinstance(annotations, (list, tuple)):
+        return None
+    usable = [a for a in annotations if isinstance(a, dict) and not a.get("was_cancelled")]
     ground_truth = [a for a in usable if a.get("ground_truth")]
     pool = ground_truth or usable
     return max(pool, key=_annotation_key) if pool else None
@@ -107,16 +109,20 @@ def _number(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _region_box(value: dict) -> Box | None:
-    """(x, y, w, h) in percent, clipped to the image; None for bad numbers or zero area."""
-    x, y, w, h = (_number(value.get(k)) for k in ("x", "y", "width", "height"))
-    if x is None or y is None or w is None or h is None:
-        return None
+def _region_box(value: dict) -> tuple[Box | None, str]:
+    """(x, y, w, h) in percent, clipped to the image, and why it is unusable when the box is None."""
+    numbers = {k: _number(value.get(k)) for k in ("x", "y", "width", "height")}
+    bad = [f"{k}={value.get(k)!r}"[:40] for k, v in numbers.items() if v is None]
+    if bad:
+        return None, f"has coordinates that are not finite numbers ({', '.join(bad)})"
+    x, y, w, h = numbers.values()
+    if w <= 0 or h <= 0:
+        return None, f"has zero or negative size (width={w}, height={h})"
     x1, y1 = max(0.0, min(100.0, x)), max(0.0, min(100.0, y))
     x2, y2 = max(0.0, min(100.0, x + w)), max(0.0, min(100.0, y + h))
     if x2 <= x1 or y2 <= y1:
-        return None
-    return (x1, y1, x2 - x1, y2 - y1)
+        return None, f"lies outside the image (x={x}, y={y}, width={w}, height={h}, in percent)"
+    return (x1, y1, x2 - x1, y2 - y1), ""
 
 
 def labeled_image(task: dict, control) -> LabeledImage | None:
@@ -136,7 +142,8 @@ def labeled_image(task: dict, control) -> LabeledImage | None:
     boxes: list[Box] = []
     labels: list[str] = []
     masks: list[dict] = []
-    for region in annotation.get("result") or ():
+    result = annotation.get("result") if isinstance(annotation.get("result"), list) else []
+    for region in result:
         if not isinstance(region, dict) or region.get("from_name") != control.from_name:
             continue
         if region.get("type") != control.result_type:
@@ -151,8 +158,7 @@ def labeled_image(task: dict, control) -> LabeledImage | None:
         if control.task == "masks":
             shape, box, why = _region_shape(region, value)
         else:
-            shape, box = None, _region_box(value)
-            why = "has zero area or invalid coordinates"
+            shape, (box, why) = None, _region_box(value)
         if box is None:
             log.info("task %s annotation %s: region %s %s; dropped", task_id, annotation["id"], region.get("id"), why)
             continue
@@ -160,7 +166,7 @@ def labeled_image(task: dict, control) -> LabeledImage | None:
         labels.append(known[0])
         if shape is not None:
             masks.append(shape)
-    if not boxes and any(isinstance(r, dict) and r.get("type") in SPATIAL_TYPES for r in annotation.get("result") or ()):
+    if not boxes and any(isinstance(r, dict) and isinstance(r.get("type"), str) and r["type"] in SPATIAL_TYPES for r in result):
         # Objects were marked, just none livetrain can learn (another control, dropped regions): as a negative
         # this image would teach that those objects are background. Leave it out instead.
         log.info("task %s annotation %s marks regions, none usable for %s; not used for training", task_id,
@@ -192,7 +198,7 @@ def _region_shape(region: dict, value: dict) -> tuple[dict | None, Box | None, s
             return None, None, f"is a polygon with {len(pts)} valid point(s), fewer than 3"
         xs = [max(0.0, min(100.0, x)) for x, _ in pts]
         ys = [max(0.0, min(100.0, y)) for _, y in pts]
-        if max(xs) <= min(xs) or max(ys) <= min(ys):
+        if max(xs) <= min(xs) or max(ys) <= min(ys) or _collinear(xs, ys):
             return None, None, "is a polygon with no area"
         box = (min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys))
         return {"points": [[round(x, 4), round(y, 4)] for x, y in pts]}, box, ""
@@ -213,6 +219,13 @@ def _region_shape(region: dict, value: dict) -> tuple[dict | None, Box | None, s
     x1, y1, x2, y2 = pixels
     box = (x1 / width * 100.0, y1 / height * 100.0, (x2 - x1) / width * 100.0, (y2 - y1) / height * 100.0)
     return {"rle": list(rle), "width": width, "height": height}, box, ""
+
+
+def _collinear(xs: list[float], ys: list[float]) -> bool:
+    """Whether all points lie on one line (a polygon with no area; a bow tie's signed area is 0 too, so not that)."""
+    far = max(range(len(xs)), key=lambda i: (xs[i] - xs[0]) ** 2 + (ys[i] - ys[0]) ** 2)
+    dx, dy = xs[far] - xs[0], ys[far] - ys[0]
+    return all(abs((x - xs[0]) * dy - (y - ys[0]) * dx) < 1e-9 for x, y in zip(xs, ys))
 
 
 def box_to_pixels(box: Box, width: float, height: float) -> tuple[float, float, float, float]:

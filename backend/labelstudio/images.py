@@ -3,6 +3,8 @@
 Task data holds either a Label Studio path (``/data/upload/...``, ``/data/local-files/?d=...``,
 ``/tasks/<id>/resolve/?fileuri=...``) that needs Label Studio's URL and credentials, or an absolute
 http(s) URL. Credentials go only to Label Studio's own origin, never to third-party hosts.
+Any other origin may only reach public addresses unless IMAGE_URL_ALLOWLIST names it (SSRF protection,
+checked on the resolved IP of every connection and redirect: ``url_guard``).
 Every failure is an ``ImageError`` whose message names the URL and never contains the token.
 """
 
@@ -19,19 +21,21 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import numpy as np
 import requests
 from PIL import Image, ImageOps
 
 from backend.errors import ImageError
+from backend.labelstudio.url_guard import AddressRefused, GuardedAdapter, UrlGuard, parse_allowlist
 
 log = logging.getLogger(__name__)
 
 _JWT = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
 _REFRESH_MARGIN_S = 30.0  # re-exchange a PAT this long before its access token expires
 _CHUNK = 64 * 1024
+_MAX_REDIRECTS = 5
 _CLOUD_SCHEMES = ("s3", "gs", "gcs", "azure-blob", "azure", "wasb", "wasbs", "abfs", "abfss")
 _KEY_HINT = "check LABEL_STUDIO_API_KEY (Label Studio > Account & Settings > Access Token)"
 _LEGACY_HINT = "; a legacy token also needs LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true on the Label Studio side"
@@ -135,6 +139,8 @@ class ImageFetcher:
         self._lock = threading.Lock()
         self._local = threading.local()  # a requests.Session per thread: Session is not documented thread-safe
         self._written_since_check = 0
+        # Parsed once (Settings.validate() has already refused a bad entry at startup).
+        self._guard = UrlGuard(parse_allowlist(settings.image_url_allowlist), self._trusted_ls_origin)
         # Called with each ImageError fetch() raises, for the metrics (GET /metrics); must not raise.
         self.on_failure = None
         # PIL refuses images over its own process-wide limit inside Image.open; raise that limit to
@@ -151,9 +157,30 @@ class ImageFetcher:
     def _base_url(self) -> str:
         return _normalize_base(self.settings.label_studio_url) or self._fallback_url
 
+    def _ls_origin(self) -> tuple[str, str, int | None] | None:
+        base = self._base_url()
+        try:
+            return _origin(base) if base else None
+        except ImageError:
+            return None
+
+    def _trusted_ls_origin(self) -> tuple[str, str, int | None] | None:
+        """The origin exempt from the address check: LABEL_STUDIO_URL's, or /setup's hostname when Basic auth
+        guards /setup (so Label Studio sent it). Without both, anyone reaching the backend could call /setup and
+        name an internal host as "Label Studio"."""
+        if self.settings.label_studio_url or self.settings.basic_auth:
+            return self._ls_origin()
+        return None
+
+    def _is_ls(self, url: str) -> bool:
+        origin = self._ls_origin()
+        return origin is not None and _origin(url) == origin
+
     def _get_auth(self) -> LabelStudioAuth:
         base = self._base_url()
-        token = (self.settings.label_studio_api_key or "").strip() or self._fallback_token
+        # LABEL_STUDIO_API_KEY goes only to LABEL_STUDIO_URL, never to a host /setup named
+        key = (self.settings.label_studio_api_key or "").strip() if self.settings.label_studio_url else ""
+        token = key or self._fallback_token
         with self._lock:  # keep one auth (and its cached access token) per base URL + token
             if self._auth is None or self._auth_key != (base, token):
                 self._auth = LabelStudioAuth(base, token, timeout=self.settings.image_timeout)
@@ -161,15 +188,32 @@ class ImageFetcher:
             return self._auth
 
     def _session(self) -> requests.Session:
+        # A new session when Label Studio's address changes (/setup), so that no pooled connection made
+        # under the old origin's exemption is reused for what is now a third-party URL.
+        base = self._base_url()
         session = getattr(self._local, "session", None)
-        if session is None:
+        if session is None or self._local.base != base:
+            if session is not None:
+                session.close()
             session = self._local.session = requests.Session()
+            self._local.base = base
+            # No environment proxies (a proxy would resolve the host itself, past the address check) and no
+            # ~/.netrc credentials for arbitrary hosts.
+            session.trust_env = False
+            adapter = GuardedAdapter(self._guard)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
         return session
 
     # -- URLs -------------------------------------------------------------------------------
     def resolve(self, url: str) -> tuple[str, bool]:
         url = (url or "").strip()
         base = self._base_url()
+        try:  # task data is untrusted: an unparseable URL is this task's error, not the batch's
+            url.encode("utf-8")
+            urlsplit(url)
+        except (ValueError, UnicodeError):
+            raise ImageError(f"invalid image URL {url!r}") from None
         if url.startswith("//"):  # scheme-relative: an absolute URL on some host
             url = (urlsplit(base).scheme or "http") + ":" + url
         elif url.startswith("/"):
@@ -179,15 +223,15 @@ class ImageFetcher:
             return base + url, True
         scheme = urlsplit(url).scheme.lower()
         if scheme in ("http", "https"):
-            return url, bool(base) and _origin(url) == _origin(base)
+            return url, self._is_ls(url)
         if scheme in _CLOUD_SCHEMES:
             raise ImageError(f"unsupported image URL {url}: cloud storage URLs must be served through Label Studio "
                              "(enable presigned URLs or proxying in the project's cloud storage settings)")
         if scheme == "file":
             raise ImageError(f"unsupported image URL {url}: local files must be served through Label Studio's "
                              "local storage (/data/local-files/?d=...)")
-        raise ImageError(f"unsupported image URL {url!r}: expected an http(s) URL or a Label Studio path "
-                         "such as /data/upload/...")
+        raise ImageError(f"unsupported image URL {url!r}: only http and https are fetched; expected an http(s) URL "
+                         "or a Label Studio path such as /data/upload/...")
 
     # -- download ---------------------------------------------------------------------------
     def fetch_bytes(self, url: str) -> bytes:
@@ -201,15 +245,10 @@ class ImageFetcher:
 
     def _download(self, url: str, with_auth: bool) -> bytes:
         auth = self._get_auth() if with_auth else None
-        resp = self._get(url, auth)
-        # A PAT's access token can expire or be revoked early: exchange again once and retry.
-        if resp.status_code == 401 and auth is not None and auth.is_pat:
-            resp.close()
-            auth.invalidate()
-            resp = self._get(url, auth)
+        resp, hop, auth = self._follow(url, auth)
         with resp:
             if resp.status_code != 200:
-                message = f"image {url} returned HTTP {resp.status_code}"
+                message = f"image {hop} returned HTTP {resp.status_code}"
                 if resp.status_code in (401, 403) and auth is not None:
                     if not auth.has_token:
                         message += ": Label Studio needs credentials, set LABEL_STUDIO_API_KEY"
@@ -219,12 +258,40 @@ class ImageFetcher:
                 raise ImageError(message)
             return self._read_body(url, resp)
 
-    def _get(self, url: str, auth: LabelStudioAuth | None) -> requests.Response:
+    def _follow(self, url: str, auth: LabelStudioAuth | None):
+        """GET ``url``, following redirects here rather than in requests, so that every hop's scheme is
+        checked (the connection checks its address) and Label Studio's token is sent only while the chain
+        stays on Label Studio's origin: a redirect to presigned cloud storage never receives it.
+        Returns the last response, its URL and the auth it was sent with."""
+        hop, via = url, ""
+        for _ in range(_MAX_REDIRECTS + 1):
+            if auth is not None and not self._is_ls(hop):
+                auth = None  # left Label Studio's origin: no token from here on, even if a hop comes back
+            resp = self._get(hop, auth, via)
+            # A PAT's access token can expire or be revoked early: exchange again once and retry.
+            if resp.status_code == 401 and auth is not None and auth.is_pat:
+                resp.close()
+                auth.invalidate()
+                resp = self._get(hop, auth, via)
+            target = self._session().get_redirect_target(resp)
+            if not target:
+                return resp, hop, auth
+            resp.close()
+            nxt = urljoin(hop, target)
+            if urlsplit(nxt).scheme.lower() not in ("http", "https"):
+                raise ImageError(f"image {hop} redirected to {nxt}: refused, only http and https are fetched")
+            hop, via = nxt, f" (redirected from {url})"
+        raise ImageError(f"image {url} redirected more than {_MAX_REDIRECTS} times: refused")
+
+    def _get(self, url: str, auth: LabelStudioAuth | None, via: str = "") -> requests.Response:
         headers = auth.headers() if auth is not None else {}
-        # Redirects: requests drops Authorization when the host changes (Session.rebuild_auth),
-        # so a redirect to presigned cloud storage does not receive Label Studio's token.
         try:
-            return self._session().get(url, headers=headers, stream=True, timeout=self.settings.image_timeout)
+            return self._session().get(url, headers=headers, stream=True, timeout=self.settings.image_timeout,
+                                       allow_redirects=False)
+        except AddressRefused as exc:
+            hint = ("set LABEL_STUDIO_URL (the address /setup sends is trusted only when Basic auth guards /setup)"
+                    if self._is_ls(url) else "list it in IMAGE_URL_ALLOWLIST to allow it")
+            raise ImageError(f"image URL {url}{via} resolves to {exc.address}, {exc.reason}: refused; {hint}") from None
         except requests.Timeout:
             raise ImageError(f"image {url} timed out after {self.settings.image_timeout} s") from None
         except requests.ConnectionError as exc:

@@ -14,7 +14,9 @@ Label Studio's own ML backend examples use for the same purpose.)
 
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
+from collections import Counter
 from dataclasses import dataclass, field
 
 from backend.errors import LabelConfigError
@@ -83,16 +85,26 @@ def parse_label_config(xml: str) -> LabelConfig:
         raise LabelConfigError("the label config must not contain DOCTYPE or ENTITY declarations")
     try:
         root = ET.fromstring(xml)
-    except ET.ParseError as exc:
-        raise LabelConfigError(f"the label config is not valid XML ({exc}). " + HELP) from None
+    except (ET.ParseError, ValueError) as exc:  # ValueError: lone surrogates ("\ud800") cannot be encoded for the parser
+        raise LabelConfigError(f"the label config is not valid XML ({str(exc)[:200]}). " + HELP) from None
 
+    names = Counter(el.get("name") for el in root.iter() if el.get("name"))
+    duplicates = sorted(name for name, count in names.items() if count > 1)
+    if duplicates:  # Label Studio refuses these too: results could not say which tag they belong to
+        raise LabelConfigError(f"the label config has several tags named {', '.join(map(repr, duplicates[:5]))}: "
+                               "every name must be unique")
     images = {el.get("name"): el for el in root.iter() if el.tag == "Image" and el.get("name")}
-    controls, skipped = [], []
+    controls, skipped, problems = [], [], []
     for el in root.iter():
         if el.tag not in SUPPORTED_TAGS:
             continue
+        where = f"<{el.tag} name={el.get('name')!r}>"
+        if not el.get("name"):
+            problems.append(f"<{el.tag}> has no name")
+            continue
         image = images.get(el.get("toName", ""))
         if image is None:
+            problems.append(f"{where} has toName={el.get('toName')!r}, which is no Image tag's name")
             continue
         value = image.get("value", "")
         labels, predicted = [], {}
@@ -105,6 +117,7 @@ def parse_label_config(xml: str) -> LabelConfig:
                 if alias.strip():
                     predicted[alias.strip()] = name
         if not labels:
+            problems.append(f'{where} has no <Label value="...">')
             continue
         if (el.get("model_skip") or "").strip().lower() in ("true", "1", "yes"):
             skipped.append(el.get("name", el.tag))
@@ -116,6 +129,9 @@ def parse_label_config(xml: str) -> LabelConfig:
             raise LabelConfigError(
                 f"model_score_threshold={threshold!r} on <{el.tag} name={el.get('name')!r}> is not a number"
             ) from None
+        if threshold is not None and not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+            raise LabelConfigError(f"model_score_threshold={el.get('model_score_threshold')!r} on {where} must be "
+                                   "a number between 0 and 1")
         controls.append(
             ControlTag(
                 from_name=el.get("name", ""),
@@ -132,6 +148,8 @@ def parse_label_config(xml: str) -> LabelConfig:
         raise LabelConfigError(f"every supported labeling tag has model_skip=\"true\" ({', '.join(skipped)}): "
                                "remove it from the tag livetrain should learn")
     if not controls:
-        found = sorted({el.tag for el in root.iter()} - {"View", "Header", "Label"})
-        raise LabelConfigError(f"no supported labeling tag found (tags in config: {', '.join(found) or 'none'}). " + HELP)
+        found = sorted({str(el.tag) for el in root.iter()} - {"View", "Header", "Label"})
+        why = f" ({'; '.join(problems[:5])})" if problems else ""
+        raise LabelConfigError(f"no supported labeling tag found (tags in config: {', '.join(found[:20]) or 'none'}){why}. "
+                               + HELP)
     return LabelConfig(controls=tuple(controls))

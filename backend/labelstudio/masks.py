@@ -31,6 +31,10 @@ import numpy as np
 # Any non-zero alpha counts as foreground, as in the editor (it shows every such pixel) and in Label Studio's
 # own COCO export (findContours on the alpha channel), so our training masks match what LS exports.
 ALPHA_THRESHOLD = 0
+# A brush RLE decodes into a full W*H*4 buffer; its header can declare up to 2**32 values (a 4 GB buffer) and
+# original_width/height come from the annotation. Refuse masks larger than any image livetrain would decode
+# (MAX_IMAGE_PIXELS defaults to 40 million) before allocating.
+MAX_MASK_PIXELS = 100_000_000
 
 
 @functools.cache
@@ -69,7 +73,12 @@ def rle_to_mask(rle, width: int, height: int) -> np.ndarray:
     image of another size.
     """
     width, height = _size(width, height)
-    data = np.asarray(rle) if isinstance(rle, (list, tuple, np.ndarray)) else None
+    if width * height > MAX_MASK_PIXELS:
+        raise ValueError(f"a brush mask of {width}x{height} is over {MAX_MASK_PIXELS} pixels")
+    try:
+        data = np.asarray(rle) if isinstance(rle, (list, tuple, np.ndarray)) else None
+    except (ValueError, TypeError):  # ragged: [1, [2, 3]]
+        data = None
     if data is None or data.ndim != 1 or data.size < 4 or data.dtype.kind not in "iu":
         raise ValueError("brush RLE must be a list of ints in 0..255 (value.rle with value.format 'rle')")
     if data.min() < 0 or data.max() > 255:
@@ -84,6 +93,8 @@ def rle_to_mask(rle, width: int, height: int) -> np.ndarray:
         flat = _brush().decode_rle(data.tolist())
     except (ValueError, IndexError) as exc:
         raise ValueError(f"brush RLE cannot be decoded ({exc}); is it truncated?") from None
+    except OverflowError:  # the header asks for values wider than a byte
+        raise ValueError("brush RLE cannot be decoded: it holds values over 255 (a word size over 8 bits)") from None
     if flat.size != expected:
         raise ValueError(_size_message(flat.size, width, height))
     return flat.reshape(height, width, 4)[:, :, 3] > ALPHA_THRESHOLD
@@ -228,8 +239,12 @@ def _simplify(contour: np.ndarray, tolerance: float, max_points: int) -> np.ndar
 
 
 def _size(width, height) -> tuple[int, int]:
-    if int(width) != width or int(height) != height or width <= 0 or height <= 0:
-        raise ValueError(f"image size must be positive integers, got {width}x{height}")
+    try:
+        usable = int(width) == width and int(height) == height and width > 0 and height > 0
+    except (TypeError, ValueError, OverflowError):  # None, "12", inf, nan
+        usable = False
+    if not usable:
+        raise ValueError(f"image size must be positive integers, got {width!r}x{height!r}")
     return int(width), int(height)
 
 

@@ -193,6 +193,9 @@ class ObjectVersionStore(VersionStore):
     def meta(self, name: str) -> dict:
         return json.loads(self.s3.get(self._key(name, "meta.json")))
 
+    def problem(self, name: str) -> str | None:
+        return None  # no cheap look at remote files: a version that fails to load is passed over by load_active()
+
     def active(self) -> str | None:
         try:
             name = self.s3.get(self.active_key).decode().strip()

@@ -103,7 +103,10 @@ class VersionStore:
             return "model.pt missing"
         if not zipfile.is_zipfile(model):  # torch.save writes a zip: a cut or overwritten file has no central directory
             return "model.pt truncated or corrupted (not a readable torch file)"
-        return None
+        try:  # damage inside the file shows only when it is loaded: this process remembers that it failed
+            return _unloadable.get((str(model), model.stat().st_mtime_ns))
+        except OSError:
+            return None
 
     def active(self) -> str | None:
         """The version served: the one ACTIVE names, or, when that one was deleted or its files are broken, the
@@ -141,6 +144,9 @@ class VersionStore:
                 state, meta = self.load(name)
                 return name, state, meta
             except Exception as exc:  # truncated inside, garbage tensors, a file deleted under us
+                model = self.versions_dir / name / "model.pt" if hasattr(self, "versions_dir") else None
+                if model is not None and model.is_file():
+                    _unloadable[(str(model), model.stat().st_mtime_ns)] = f"model.pt cannot be loaded ({type(exc).__name__}: {str(exc)[:200]})"
                 log.error("project %s: version %s cannot be loaded (%s: %s); trying the previous one", self.root.name,
                           name, type(exc).__name__, exc)
         return None
@@ -159,6 +165,11 @@ class VersionStore:
     # writing -------------------------------------------------------------
     def next_name(self, prefix: str) -> str:
         numbers = [int(_NAME.match(n)["n"]) for n in self.names()]
+        try:  # an active version deleted by hand: its number is not given to a new one (Label Studio knows it)
+            named = _NAME.match(self.active_file.read_text().strip())
+            numbers += [int(named["n"])] if named else []
+        except OSError:
+            pass
         return f"{slug(prefix)}-v{max(numbers, default=0) + 1}"
 
     def publish(self, state: dict, meta: dict, prefix: str, keep: int = 5, activate: bool = True,
@@ -170,10 +181,18 @@ class VersionStore:
         try:
             name = self.next_name(prefix)
             meta = dict(meta, name=name, published_at=time.time())
-            torch.save(state, tmp / "model.pt")
+            # our own file object: closed whatever happens (a deleted file still open would keep its space on a
+            # full disk), and synced before the rename, so that a version in place is a whole one
+            with open(tmp / "model.pt", "wb") as fh:
+                try:
+                    torch.save(state, fh)
+                except RuntimeError as exc:  # torch reports a failed write (ENOSPC, EIO) as a RuntimeError
+                    raise OSError(f"could not write {name}/model.pt: {exc}") from None
+                fh.flush()
+                os.fsync(fh.fileno())
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             os.rename(tmp, self.versions_dir / name)  # atomic; fails if a concurrent publisher took the name
-        except BaseException:
+        except BaseException:  # e.g. the disk is full: nothing half-written stays, the versions are as they were
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         if activate:
@@ -214,6 +233,7 @@ class VersionStore:
 
 
 _warned: set = set()
+_unloadable: dict = {}  # (model.pt path, mtime) -> why it failed to load in this process (shown by list())
 
 
 def _warn_once(key, message: str, *args) -> None:

@@ -71,8 +71,12 @@ class Guard:
         live = (session.parent_meta.get("guard") or {}).get("live") or {}
         name = live.get("baseline")
         if self.enabled and session.parent and name and name != session.parent and name in self.store.names():
-            state, meta = self.store.load(name)
-            if version_task(meta) == self.task:  # the active one is on probation: go on with its window
+            try:
+                state, meta = self.store.load(name)
+            except Exception as exc:  # its files were damaged: the active version is the baseline
+                log.error("guard baseline %s cannot be loaded (%s); using %s", name, exc, session.parent)
+                state, meta = None, {}
+            if state is not None and version_task(meta) == self.task:  # the active one is on probation: go on with its window
                 self.baseline, self.baseline_classes = name, tuple(meta["classes"])
                 self.baseline_model = session._eval_copy(model_from_version(state, meta, settings.min_size))
                 self.pairs = [list(p) for p in live.get("pairs", [])]
@@ -97,8 +101,11 @@ class Guard:
                                session.settings.score_threshold, session.device, self.task, session.classes)
         self.pairs.append([round(score, 4), round(baseline.score, 4)])
         if version in self.store.names():
-            guard = dict(self.store.meta(version).get("guard") or {})
-            self.store.update_meta(version, guard=dict(guard, live={"baseline": self.baseline, "pairs": self.pairs}))
+            try:  # kept in the meta so that the next session goes on with the window; the pairs are in memory anyway
+                guard = dict(self.store.meta(version).get("guard") or {})
+                self.store.update_meta(version, guard=dict(guard, live={"baseline": self.baseline, "pairs": self.pairs}))
+            except (OSError, ValueError) as exc:  # a full disk, a damaged meta.json: the session goes on
+                log.warning("version %s: guard pairs not recorded in its meta: %s", version, exc)
 
     # -- decisions -------------------------------------------------------------------------------
     def decide(self, session, validation: dict | None) -> Verdict:

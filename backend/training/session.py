@@ -79,8 +79,10 @@ class TrainingSession:
         self.store = version_store(settings, inputs.project)
         self.started = time.time()
         self.id = uuid.uuid4().hex[:12]  # versions name the session that published them
-        self.parent = self.store.active()
-        parent = self.store.load(self.parent) if self.parent else None
+        # the active version (or, when its files are damaged or gone, the newest whole one before it: VersionStore)
+        found = self.store.load_active()
+        self.parent = found[0] if found else None
+        parent = found[1:] if found else None
         if parent is not None and version_task(parent[1]) != inputs.task:
             # the label config moved between boxes and masks: a Faster R-CNN cannot grow a mask head, start afresh
             log.warning("project %s: active version %s predicts %s, the project now labels %s; starting a new model",
@@ -174,10 +176,13 @@ class TrainingSession:
             except LivetrainError as exc:  # the image failed on its second load: no pair, the session goes on
                 log.info("task %s not paired for the guard: %s", record.task_id, exc.message)
             if version != BASE_VERSION and version in self.store.names():
-                meta = self.store.meta(version)
-                n = meta.get("quality_images", 0)
-                mean = (meta.get("quality", 0.0) * n + quality.score) / (n + 1)
-                self.store.update_meta(version, quality=round(mean, 4), quality_images=n + 1)
+                try:
+                    meta = self.store.meta(version)
+                    n = meta.get("quality_images", 0)
+                    mean = (meta.get("quality", 0.0) * n + quality.score) / (n + 1)
+                    self.store.update_meta(version, quality=round(mean, 4), quality_images=n + 1)
+                except (OSError, ValueError) as exc:  # a full disk, a damaged meta.json: the score is still in the series
+                    log.warning("version %s: quality not recorded in its meta: %s", version, exc)
         return entries
 
     # -- training --------------------------------------------------------------------------------
