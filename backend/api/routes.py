@@ -24,6 +24,7 @@ from backend.jobs.training import enqueue_training, rollback_to
 from backend.labelstudio.label_config import parse_label_config
 from backend.labelstudio.protocol import project_id, short_repr
 from backend.model_store.stores import list_projects, version_store
+from backend.model_store.versions import is_version_name
 
 log = logging.getLogger(__name__)
 bp = Blueprint("livetrain", __name__)
@@ -189,7 +190,7 @@ def rollback(project):
 
 def version_name(name: str, project: str) -> str:
     """``name`` when it looks like a version name (``<prefix>-v<N>``), else a 400 (it would name a folder)."""
-    if len(name) > 120 or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*-v\d+", name):
+    if not is_version_name(name):
         raise BadRequest(f"no version {short_repr(name)} in project {project}: version names look like 'cells-v3'; "
                          f"GET /versions?project={project} lists them")
     return name

@@ -38,6 +38,11 @@ BASE_VERSION = "livetrain-base"  # the starting weights, before the first versio
 _NAME = re.compile(r"^(?P<prefix>[A-Za-z0-9][A-Za-z0-9_.-]*)-v(?P<n>\d+)$")
 
 
+def is_version_name(name) -> bool:
+    """Whether ``name`` (e.g. from a request) is a version name: a plain file name, never a path."""
+    return isinstance(name, str) and len(name) <= 120 and _NAME.fullmatch(name) is not None
+
+
 def slug(text: str) -> str:
     """A version-name prefix from a project title: lowercase letters, digits and dashes."""
     return re.sub(r"[^a-z0-9]+", "-", (text or "").lower()).strip("-")[:40] or "livetrain"
@@ -201,7 +206,7 @@ class VersionStore:
         return name
 
     def set_active(self, name: str) -> None:
-        if not _NAME.match(str(name)) or not (self.versions_dir / name / "model.pt").is_file():
+        if not is_version_name(name) or not (self.versions_dir / name / "model.pt").is_file():
             known = ", ".join(self.names()) or "none"
             raise BadRequest(f"no version {name!r} in project {self.root.name} (versions: {known})")
         write_atomic(self.active_file, name.encode())
