@@ -7,6 +7,7 @@ is never listed or served."""
 from __future__ import annotations
 
 import logging
+import dataclasses
 import os
 import time
 
@@ -174,3 +175,41 @@ def test_web_process_on_another_machine_follows_the_bucket(tmp_path, s3, image_s
         web.stop()
     log = web.log_path.read_text(errors="replace")
     assert CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in log
+
+
+def test_store_unreachable_routes_answer_503_and_loaded_models_keep_serving(tmp_path, s3, image_server):
+    """An object store down: what needs it answers 503 with the reason (never a 500), /setup still answers
+    (Label Studio calls it before predicting), and a model already in memory keeps serving predictions."""
+    from backend.api import create_app
+    from tests.livetrain_fixtures import CONFIG, shapes_image
+
+    settings = dataclasses.replace(settings_for(tmp_path, s3, "down"), image_url_allowlist="127.0.0.1")
+    app = create_app(settings)
+    client, held = app.test_client(), app.extensions["livetrain"]
+    name = version_store(settings, "5").publish(held.starting.build(3).state_dict(),
+                                                {"arch": held.starting.arch, "classes": ["Square", "Disc"]}, "cells")
+    task = {"id": 1, "data": {"image": image_server.add("/a.png", shapes_image(0)[0])}}
+    body = {"tasks": [task], "project": "5.1", "label_config": CONFIG}
+    assert client.post("/predict", json=body).get_json()["results"][0]["model_version"] == name
+
+    pool = held.predictor.pool
+    pool.store = lambda project: object_store.ObjectVersionStore(settings.model_store, tmp_path / "x", project,
+                                                                 "http://127.0.0.1:1")
+    reply = client.post("/predict", json=body)
+    assert reply.status_code == 200 and reply.get_json()["results"][0]["model_version"] == name
+    pool.refresh()  # looking for a new version fails quietly: the refresh thread lives on
+    setup = client.post("/setup", json={"project": "5.1", "schema": CONFIG})
+    assert setup.status_code == 200 and setup.get_json()["model_version"] == name
+
+    # a web process that finds the store down (nothing in memory yet)
+    client = create_app(dataclasses.replace(settings, s3_endpoint_url="http://127.0.0.1:1",
+                                            model_dir=tmp_path / "down")).test_client()
+    setup = client.post("/setup", json={"project": "5.1", "schema": CONFIG})
+    assert setup.status_code == 200 and setup.get_json()["model_version"] == BASE_VERSION
+    for method, path, payload in [("get", "/versions?project=5", None), ("post", "/projects/5/rollback", {"version": name}),
+                                  ("get", "/projects/5/export?format=torchscript", None),
+                                  ("post", "/predict", dict(body, project="6.1"))]:
+        reply = getattr(client, method)(path, json=payload)
+        assert reply.status_code == 503 and "MODEL_STORE" in reply.get_json()["error"], (path, reply.get_json())
+    for path in ("/health", "/status", "/dashboard", "/metrics"):
+        assert client.get(path).status_code == 200, path

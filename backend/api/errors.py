@@ -8,6 +8,7 @@ from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from backend.errors import LivetrainError
+from backend.model_store.object_store import ObjectStoreError
 
 log = logging.getLogger(__name__)
 
@@ -16,6 +17,12 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(LivetrainError)
     def livetrain_error(exc: LivetrainError):
         return jsonify(error=exc.message), exc.status
+
+    @app.errorhandler(ObjectStoreError)
+    def store_unreachable(exc: ObjectStoreError):
+        # MODEL_STORE=s3://... down or refusing: say so; what this process holds in memory is still served
+        log.warning("model store: %s", exc)
+        return jsonify(error=f"the model store (MODEL_STORE) cannot be reached right now: {exc}"), 503
 
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(exc: RequestEntityTooLarge):

@@ -97,6 +97,12 @@ class ModelPool:
                 self._refresher.start()
             return entry.loaded
 
+    def held(self, project: str) -> LoadedModel | None:
+        """The model this process holds for ``project``, if any (no loading, no store access)."""
+        with self._lock:
+            entry = self._entries.get(project)
+            return entry.loaded if entry is not None else None
+
     def loaded(self) -> list[str]:
         """The projects whose model is in memory, least recently used first."""
         with self._lock:
@@ -143,7 +149,11 @@ class ModelPool:
         with self._lock:  # (project, marker, control) only: holding the entries would keep dropped models alive
             held = [(project, entry.marker, entry.control) for project, entry in self._entries.items()]
         for project, marker, control in held:
-            if self.store(project).marker() == marker:
+            try:
+                if self.store(project).marker() == marker:
+                    continue
+            except OSError as exc:  # the store unreachable (an object store down): keep serving, look again later
+                log.warning("project %s: cannot look for a new version: %s", project, exc)
                 continue
             with self._lock:
                 current = self._entries.get(project)
@@ -164,7 +174,10 @@ class ModelPool:
     def _refresh_forever(self) -> None:
         while True:
             time.sleep(REFRESH_SECONDS)
-            self.refresh()
+            try:
+                self.refresh()
+            except Exception:  # this thread must outlive any failure, or the process never sees a new version
+                log.exception("looking for new versions failed")
 
 
 def has_annotations(task: dict) -> bool:
@@ -209,9 +222,16 @@ class Predictor:
 
     def version(self, project: str, control: ControlTag | None = None) -> str:
         """The version /predict serves the project: its active one, unless that predicts another kind than
-        ``control`` asks for (the config moved between boxes and masks), then the base."""
+        ``control`` asks for (the config moved between boxes and masks), then the base. With the store
+        unreachable, the version this process has in memory (Label Studio calls /setup before predicting)."""
         store = self.pool.store(project)
-        name = store.active()
+        try:
+            name = store.active()
+        except OSError as exc:
+            held = self.pool.held(project)
+            log.warning("project %s: cannot read the active version (%s); answering %s", project, exc,
+                        held.version if held else BASE_VERSION)
+            return held.version if held else BASE_VERSION
         if name is None or (control is not None and version_task(store.meta(name)) != control.task):
             return BASE_VERSION
         return name
