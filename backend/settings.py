@@ -37,7 +37,7 @@ def _bool(text: str) -> bool:
 class Settings:
     # Label Studio connection
     label_studio_url: str = field(default="", metadata={"env": "LABEL_STUDIO_URL", "doc": "Base URL of Label Studio, used to fetch /data/upload and /data/local-files images (falls back to the `hostname` sent by /setup)."})
-    label_studio_api_key: str = field(default="", metadata={"env": "LABEL_STUDIO_API_KEY", "doc": "Legacy token or personal access token (PAT, exchanged at /api/token/refresh/). Falls back to the `access_token` sent by /setup."})
+    label_studio_api_key: str = field(default="", metadata={"env": "LABEL_STUDIO_API_KEY", "doc": "Legacy token or personal access token (PAT, exchanged at /api/token/refresh/); sent only to LABEL_STUDIO_URL, so set both. Without it, the `access_token` sent by /setup is used."})
     # Storage and queue
     model_dir: Path = field(default=Path("models"), metadata={"env": "MODEL_DIR", "doc": "Model versions, the image cache and the embedded Redis live here."})
     model_store: str = field(default="", metadata={"env": "MODEL_STORE", "doc": "Where model versions live. Empty: MODEL_DIR (a shared volume when web and worker processes run on several machines). `s3://bucket/prefix`: an S3-compatible object store (credentials from the standard `AWS_*` variables or an instance role); web processes on other machines pick up a new version within a few seconds. Datasets, checkpoints and caches stay under MODEL_DIR."})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from flask import current_app
@@ -13,6 +14,8 @@ from backend.labelstudio.images import ImageFetcher
 from backend.model_store.stores import version_store
 from backend.model_store.weights import StartingWeights, StartingWeightsByTask
 from backend.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,6 +33,9 @@ class AppState:
 
     @classmethod
     def build(cls, settings: Settings) -> "AppState":
+        if settings.label_studio_api_key and not settings.label_studio_url:
+            log.warning("LABEL_STUDIO_API_KEY is not used without LABEL_STUDIO_URL (the key is only ever sent there); "
+                        "set LABEL_STUDIO_URL too")
         starting_for = StartingWeightsByTask(settings)
         starting_for("boxes"), starting_for("masks")  # resolved now: /health reports both, requests never wait
         fetcher = ImageFetcher(settings)
