@@ -26,7 +26,7 @@ Flow of ``run_load``:
 6. RSS "after", the long-lived processes (gunicorn master and workers, the training and re-scoring RQ
    workers, redis-server) checked alive, the serve log scanned for tracebacks, worker timeouts and restarts.
 
-Memory: resident set size summed over a process group (psutil), read after the warm-up (every web request
+Memory: resident memory (PSS, see ``_rss``; "RSS" below) summed over a process group (psutil), read after the warm-up (every web request
 thread has run a /predict) and after the load: ``web`` = the gunicorn master and its web workers, ``workers`` = the training RQ worker and everything under it (re-scoring worker, schedulers, the
 work horse that runs the session and holds the model), ``redis`` = the redis-server. Also sampled every
 0.5 s for the peak. ``failures`` allows each gunicorn worker and the RQ worker tree ``rss_growth_mb`` (300 MB);
@@ -67,10 +67,16 @@ def _tree(pid: int) -> list[psutil.Process]:
 
 
 def _rss(procs) -> int:
+    """Resident memory of ``procs``, as PSS where Linux gives it: a page shared by N processes counts 1/N to each.
+    Plain RSS would count the pages a work horse shares with the worker it forked from twice, so a sum would
+    jump by a whole process whenever a session starts (a horse alive after the load but not before)."""
     total = 0
     for p in procs:
         try:
-            total += p.memory_info().rss
+            try:
+                total += p.memory_full_info().pss
+            except (AttributeError, psutil.AccessDenied):
+                total += p.memory_info().rss
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return total

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -227,13 +228,15 @@ def test_gunicorn_workers_are_summed(tmp_path):
         def pids() -> set[str]:  # the processes that have counted something
             return {m[1] for p in (tmp_path / ".prometheus").glob("*.db") if (m := re.match(r"\w+_(\d+)\.db$", p.name))}
 
-        sent = 0
+        sent, deadline = 0, time.monotonic() + 120
         with ThreadPoolExecutor(8) as pool:
-            # one connection per request: gunicorn hands them to whichever worker accepts first
-            while len(pids()) < 2 and sent < 400:
+            # one connection per request: gunicorn hands them to whichever worker accepts first (a gthread
+            # worker accepts greedily: on a busy machine one may take every connection of a burst, so pause)
+            while len(pids()) < 2 and time.monotonic() < deadline:
                 replies = list(pool.map(lambda _: requests.get(f"{base}/versions", timeout=30), range(20)))
                 assert all(r.status_code == 200 for r in replies)
                 sent += len(replies)
+                time.sleep(0.2)
         assert len(pids()) == 2 and "999999" not in pids(), pids()
         for _ in range(3):  # whichever worker answers the scrape, the total is every worker's
             samples = parse(requests.get(f"{base}/metrics", timeout=30).text)
