@@ -16,8 +16,8 @@ START_TRAINING, as Label Studio sends on submit and on update) and --predict-cli
 annotation at its final `updated_at` (GET /versions?project=ID).
 
 Printed (and written with --json): webhook latency p50/p95/p99/max, predict latency p50/p95/p99/max, status
-codes, requests/s over the load, RSS of the gunicorn processes (master + web workers), of the RQ workers
-(training worker, re-scoring worker, work horses) and of redis-server before the load, peak and after,
+codes, requests/s over the load, memory (PSS) of the gunicorn processes (master + web workers), of the RQ
+workers (training and re-scoring), of their work horses and of redis-server before the load, peak and after,
 versions published, seconds from the last webhook until every annotation was in a version, and what the
 serve log shows (tracebacks, gunicorn worker timeouts and restarts). Exit status 1 when any check failed:
 a non-2xx answer or a failed request, an annotation in no version within --settle-timeout, a long-lived

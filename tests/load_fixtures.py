@@ -27,9 +27,11 @@ Flow of ``run_load``:
    workers, redis-server) checked alive, the serve log scanned for tracebacks, worker timeouts and restarts.
 
 Memory: resident memory (PSS, see ``_rss``; "RSS" below) summed over a process group (psutil), read after the warm-up (every web request
-thread has run a /predict) and after the load: ``web`` = the gunicorn master and its web workers, ``workers`` = the training RQ worker and everything under it (re-scoring worker, schedulers, the
-work horse that runs the session and holds the model), ``redis`` = the redis-server. Also sampled every
-0.5 s for the peak. ``failures`` allows each gunicorn worker and the RQ worker tree ``rss_growth_mb`` (300 MB);
+thread has run a /predict) and after the load: ``web`` = the gunicorn master and its web workers, ``workers`` =
+the training RQ worker and its re-scoring worker, ``horses`` = what runs under them and comes and goes with jobs
+(the work horse that runs a session and holds its model and caches, schedulers: reported, not bounded),
+``redis`` = the redis-server. Also sampled every 0.5 s for the peak. ``failures`` allows each gunicorn worker
+and the RQ workers ``rss_growth_mb`` (300 MB);
 with ``rounds`` > 1 the RSS after each round shows whether memory levels off (measured: a one-time rise of
 ~100-150 MB per gunicorn worker in the first round, flat after).
 """
@@ -103,7 +105,16 @@ class Processes:
             pass
         redis_pid = self.server.redis_pid or self.server._redis_pid()
         redis_procs = [psutil.Process(redis_pid)] if redis_pid and psutil.pid_exists(redis_pid) else []
-        return {"web": web, "workers": workers, "redis": redis_procs}
+        # the RQ workers themselves (training, and its re-scoring child) live through the load; work horses and
+        # schedulers come and go with jobs (a session's horse holds its model and caches until the session ends)
+        resident = workers[:1]
+        if workers:
+            try:
+                resident += [c for c in workers[0].children() if "rescore" in c.cmdline()]
+            except psutil.NoSuchProcess:
+                pass
+        horses = [p for p in workers if p not in resident]
+        return {"web": web, "workers": resident, "horses": horses, "redis": redis_procs}
 
     def rss_mb(self) -> dict[str, float]:
         return {name: round(_rss(procs) / 2**20, 1) for name, procs in self.groups().items()}
@@ -531,7 +542,7 @@ def report(result: dict) -> str:
                      f"last webhook; {result['versions_published']} versions published "
                      f"({result['versions_during_load']} since the load began), {result['sessions']} session(s)")
     if "rss_before_mb" in result:
-        for group in ("web", "workers", "redis"):
+        for group in ("web", "workers", "horses", "redis"):
             lines.append(f"RSS {group:>7}: before {result['rss_before_mb'].get(group)} MB, peak "
                          f"{result.get('rss_peak_mb', {}).get(group)} MB, after {result.get('rss_after_mb', {}).get(group)} MB")
     lines.append(f"serve log: {result['log']}; startup {result.get('startup_s')} s, warm-up {result.get('warmup_s')} s, "
