@@ -77,7 +77,8 @@ class Settings:
     min_passes: int = field(default=4, metadata={"env": "MIN_PASSES", "doc": "Passes (times drawn into a batch) every labeled image gets in a session before it may end; in full mode, full-model passes."})
     session_slice: float = field(default=300.0, metadata={"env": "SESSION_SLICE", "doc": "Fair share: when another project's training waits, a session that ran this many seconds publishes, queues itself behind it and frees the worker."})
     warmup_steps: int = field(default=10, metadata={"env": "WARMUP_STEPS", "doc": "Linear learning-rate warm-up at the start of a session (and when the backbone joins at FULL_AFTER)."})
-    decay_steps: int = field(default=60, metadata={"env": "DECAY_STEPS", "doc": "Cosine learning-rate decay tail (to 1%) before a session's final version; at least a tenth of the session's steps."})
+    decay_steps: int = field(default=60, metadata={"env": "DECAY_STEPS", "doc": "Cosine learning-rate decay tail (to 1%) before a session's final version; at least a fifth of the session's steps."})
+    ema_decay: float = field(default=0.95, metadata={"env": "EMA_DECAY", "doc": "Versions publish an exponential moving average of the session's weights (per step; ramped in over a session's first steps): at the constant learning rate it smooths the step-to-step noise out of the served boxes without slowing what the model learns. 0 = publish the raw weights."})
     validation_fraction: float = field(default=0.0, metadata={"env": "VALIDATION_FRACTION", "doc": "Share of the labeled tasks kept out of training as a held-out validation split (stable: chosen by a hash of the task id). Each published version's box (and mask) mAP and mAP@0.5, overall and per class, are computed on it and stored in its meta. 0 = no split."})
     guard: bool = field(default=True, metadata={"env": "GUARD", "doc": "Version guard: a new version becomes active only if it is not worse than the active one by more than GUARD_MARGIN (validation mAP when there is a split, else the live quality of images it had not trained on); otherwise it is kept, marked held back, and training continues from the better weights."})
     guard_margin: float = field(default=0.05, metadata={"env": "GUARD_MARGIN", "doc": "How much worse (absolute, on a 0-1 score) a new version may be than the active one before the guard holds it back."})
@@ -171,6 +172,8 @@ class Settings:
             raise ValueError("NEW_FRACTION must be between 0 and 1")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError("VALIDATION_FRACTION must be at least 0 and below 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError("EMA_DECAY must be at least 0 (off) and below 1")
         if not 0.0 <= self.guard_margin <= 1.0:
             raise ValueError("GUARD_MARGIN must be between 0 and 1")
         from backend.labelstudio.url_guard import parse_allowlist  # here: settings must not import requests at load

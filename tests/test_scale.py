@@ -97,7 +97,7 @@ def test_two_workers_three_projects_never_train_one_project_twice(scale):
 
 def test_a_paused_decay_tail_goes_on_in_the_next_session(tmp_path, image_server):
     """Fair share pauses sessions mid-tail when projects outnumber workers. Were the tail started afresh (after
-    IDLE_AFTER, a tenth of all steps long) in each resumed session, an idle project would be paused before it
+    IDLE_AFTER, a fifth of all steps long) in each resumed session, an idle project would be paused before it
     ends, in every slice, and never end (the scale test above hung so before the fix)."""
     import torch
 

@@ -8,6 +8,7 @@ from backend.labelstudio.annotations import LabeledImage
 from backend.labelstudio.images import ImageFetcher
 from backend.model_store.versions import VersionStore
 from backend.model_store.weights import resolve_starting_weights
+from backend.training.ema import ModelEma
 from backend.training.sampler import LiveSampler
 from backend.training.session import DECAY_FLOOR, WARMUP_START, SessionInputs, TrainingSession, lr_factor
 from tests.test_training import LABELS, records_for, settings_for
@@ -56,6 +57,54 @@ def test_learning_rate_warms_up_holds_then_decays():
     assert abs(lr_factor(5100, 10, decay_at=5000, decay_steps=100) - DECAY_FLOOR) < 1e-9
 
 
+def test_the_moving_average_ramps_in_then_averages_and_leaves_integer_tensors_alone():
+    model = torch.nn.BatchNorm1d(2)  # weight, bias (float), running stats (float), num_batches_tracked (int)
+    ema = ModelEma(model, decay=0.9)
+    assert ema.current_decay() == 0.1  # ramped in: a young average follows the model closely
+    with torch.no_grad():
+        model.weight.fill_(2.0)  # from 1.0
+        model.num_batches_tracked.fill_(7)
+    ema.update(model)
+    assert torch.allclose(ema.module.weight, torch.full((2,), 0.1 * 1.0 + 0.9 * 2.0))
+    assert int(ema.module.num_batches_tracked) == 7 and not ema.module.weight.requires_grad
+    for _ in range(200):
+        ema.update(model)
+    assert ema.current_decay() == 0.9 and torch.allclose(ema.module.weight, torch.full((2,), 2.0))
+    # a settled average moves a tenth of the way per step (1 / (1 - 0.9) steps of memory)
+    with torch.no_grad():
+        model.weight.fill_(12.0)
+    ema.update(model)
+    assert torch.allclose(ema.module.weight, torch.full((2,), 3.0))
+    ema.reset(model)
+    assert ema.updates == 0 and torch.equal(ema.module.weight, model.weight)
+    again = ModelEma(torch.nn.BatchNorm1d(2), decay=0.9)
+    again.load_state_dict(ema.state_dict())
+    assert again.updates == 0 and torch.equal(again.module.weight, model.weight)
+
+
+def test_versions_publish_the_average_of_the_weights_and_ema_decay_0_the_raw_ones(tmp_path, image_server):
+    starting = None
+    records = records_for(image_server, range(4))
+    published = {}
+    for decay in (0.95, 0.0):
+        settings = settings_for(tmp_path / str(decay), ema_decay=decay)
+        starting = starting or resolve_starting_weights(settings.model_arch, download=False)
+        session = TrainingSession(settings, starting, ImageFetcher(settings), SessionInputs("1", "p", LABELS),
+                                  torch.device("cpu"))
+        session.update(records)
+        session.train(3)
+        state, meta = session.store.load(session.publish())
+        assert meta["settings"]["ema_decay"] == decay
+        source = session.ema.module if decay else session.model
+        assert session.published_model() is source
+        for name, value in source.state_dict().items():
+            assert torch.equal(value, state[name]), name
+        published[decay] = (state, session)
+    state, session = published[0.95]
+    head = "roi_heads.box_predictor.cls_score.weight"
+    assert not torch.equal(state[head], session.model.state_dict()[head])  # the average, not the last step
+
+
 def test_session_publishes_what_it_trained_on_and_a_checkpoint_resumes_it(tmp_path, image_server):
     settings = settings_for(tmp_path, full_after=5)
     starting = resolve_starting_weights(settings.model_arch, download=False)
@@ -90,6 +139,10 @@ def test_session_publishes_what_it_trained_on_and_a_checkpoint_resumes_it(tmp_pa
     assert str(records[4].task_id) in again.trained and again.has_new()
     for name, value in again.model.state_dict().items():
         assert torch.equal(value, session.model.state_dict()[name]), name
+    # ... and the average of the weights that versions publish (EMA_DECAY, on by default)
+    assert again.ema.updates == session.ema.updates == session.steps
+    for name, value in again.ema.module.state_dict().items():
+        assert torch.equal(value, session.ema.module.state_dict()[name]), name
     again.start_decay()
     while not again.decay_done():
         again.step()

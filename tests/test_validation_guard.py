@@ -80,6 +80,14 @@ def swap_classes(model) -> None:
             param[4:12] = torch.cat([param[8:12], param[4:8]]).clone()
 
 
+def make_worse(session) -> None:
+    """``swap_classes`` on what the session trains and on what it publishes (the EMA of its weights); a
+    second call repairs both."""
+    swap_classes(session.model)
+    if session.ema is not None:
+        swap_classes(session.ema.module)
+
+
 def validation_ids(records) -> set[int]:
     return {r.task_id for r in records if in_validation("1", r.task_id, FRACTION)}
 
@@ -169,7 +177,7 @@ def test_guard_holds_back_a_worse_version_and_trains_on_from_the_active_weights(
     settings = copy_of(trained, tmp_path)
     assert settings.guard and settings.guard_margin == 0.05  # the defaults
     session = session_on(trained, settings)
-    swap_classes(session.model)
+    make_worse(session)
     worse = session.publish()
     store = session.store
     meta = store.meta(worse)
@@ -197,7 +205,7 @@ def test_guard_holds_back_a_worse_version_and_trains_on_from_the_active_weights(
 def test_guard_off_lets_a_worse_version_through_and_the_guard_activates_a_better_one(trained, tmp_path):
     settings = copy_of(trained, tmp_path, guard=False)
     session = session_on(trained, settings)
-    swap_classes(session.model)
+    make_worse(session)
     worse = session.publish()
     store = session.store
     meta = store.meta(worse)
@@ -205,7 +213,7 @@ def test_guard_off_lets_a_worse_version_through_and_the_guard_activates_a_better
     assert meta["validation"]["box"]["map"] < store.meta(trained.v1)["validation"]["box"]["map"] - 0.05
     # the guard back on, a session from the worse version: the repaired model is better, and becomes active
     session = session_on(trained, dataclasses.replace(settings, guard=True))
-    swap_classes(session.model)
+    make_worse(session)
     better = session.publish()
     meta = store.meta(better)
     assert store.active() == better and "held_back" not in meta
@@ -218,7 +226,7 @@ def test_without_a_split_the_live_signal_reverts_a_worse_version(trained, tmp_pa
     monkeypatch.setattr(guard_module, "LIVE_WINDOW", 4)
     settings = copy_of(trained, tmp_path, validation_fraction=0.0, score_threshold=0.3, guard_margin=0.02)
     session = session_on(trained, settings)
-    swap_classes(session.model)
+    make_worse(session)
     provisional = session.publish()  # nothing measured it yet: served, on probation against v1
     store = session.store
     assert store.active() == provisional and store.meta(provisional)["guard"]["verdict"] == "provisional"
@@ -258,7 +266,7 @@ def test_publish_path_reports_held_back_versions_in_the_status(trained, tmp_path
 
     settings = copy_of(trained, tmp_path, rescore_on_publish=False)
     session = session_on(trained, settings)
-    swap_classes(session.model)
+    make_worse(session)
     state = State()
     _publish(settings, MagicMock(), state, session)  # a Redis double for the metrics counters
     assert state.fields["active_version"] == trained.v1 and state.fields["held_back"] == 1

@@ -187,6 +187,8 @@ def reload_weights(session, name: str) -> None:
     state, meta = session.store.load(name)
     rebuilt = model_for_round(None, (state, meta), session.classes, session.settings.min_size)
     session.model.load_state_dict(rebuilt.state_dict())
+    if session.ema is not None:  # the average of the weights left behind would publish them again
+        session.ema.reset(session.model)
     session.optimizer = sgd(session.model, session.settings.learning_rate)
     session.warm_from = session.steps
     records = session.sampler.records

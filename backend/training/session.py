@@ -9,7 +9,7 @@ let a killed worker lose only the steps since the last checkpoint.
 Learning-rate schedule of an open-ended session (``lr_factor``): a linear warm-up over WARMUP_STEPS
 (from 10%), then the constant LEARNING_RATE for as long as annotations keep coming (a cosine would decay
 towards zero long before the project is done, and the newest images would be learned with a tiny rate),
-then a cosine tail to 1% over max(DECAY_STEPS, a tenth of the session's steps) before the final version:
+then a cosine tail to 1% over max(DECAY_STEPS, a fifth of the session's steps) before the final version:
 the consolidation that makes the boxes as tight as an offline run's. When the backbone joins at
 FULL_AFTER images the optimizer is rebuilt with it and the warm-up runs again (the new parameters start
 without momentum, and a full LEARNING_RATE step on a cold backbone would undo its pretraining).
@@ -38,6 +38,7 @@ from backend.model_store.versions import BASE_VERSION
 from backend.model_store.weights import StartingWeights
 from backend.settings import Settings
 from backend.training.data import ExampleCache
+from backend.training.ema import ModelEma
 from backend.training.engine import amp_scaler, sgd, train_step
 from backend.training.guard import Guard, Verdict
 from backend.training.modes import apply_mode, body_trainable, choose_mode, working_limit
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 
 WARMUP_START = 0.1  # the warm-up starts at this fraction of LEARNING_RATE
 DECAY_FLOOR = 0.01  # the decay tail ends at this fraction
-DECAY_SHARE = 0.1  # the tail is at least this share of the session's steps
+DECAY_SHARE = 0.2  # the tail is at least this share of the session's steps
 
 
 @dataclass
@@ -104,6 +105,10 @@ class TrainingSession:
         self.served_classes = tuple(meta.get("classes", ()))
         self.active_name = self.parent  # the version served (and trained on from): the guard may hold new ones back
         scale_jitter(self.model, self.base_size)
+        # what versions publish: the average of the recent steps' weights (training.ema); None with EMA_DECAY=0
+        self.ema = ModelEma(self.model, settings.ema_decay) if settings.ema_decay else None
+        if self.ema is not None:
+            self.ema.module.transform.min_size = (self.base_size,)
         self.examples = ExampleCache(fetcher, inputs.task, working_limit(self.model))
         self.validator = ValidationSplit(inputs.project, settings.validation_fraction, fetcher, inputs.task,
                                          (self.base_size, self.model.transform.max_size))
@@ -230,6 +235,8 @@ class TrainingSession:
             group["lr"] = self.lr()
         self.model.train()
         losses = train_step(self.model, self.optimizer, images, targets, self.device, scaler=self.scaler)
+        if self.ema is not None:
+            self.ema.update(self.model)
         self.steps += 1
         self.total_steps += 1
         for record in drawn:
@@ -271,6 +278,10 @@ class TrainingSession:
         return self.decay_at is not None and self.steps - self.decay_at >= self.decay_len
 
     # -- versions --------------------------------------------------------------------------------
+    def published_model(self) -> torch.nn.Module:
+        """The weights a version publishes now: the moving average (EMA_DECAY), else the model as trained."""
+        return self.ema.module if self.ema is not None else self.model
+
     def publish(self) -> str:
         """Publish the model as it is now (atomically; as the active version unless the guard holds it back,
         ``training.guard``); returns the version's name."""
@@ -278,10 +289,9 @@ class TrainingSession:
         trained = dict(self.trained)
         previous = self.active_name
         previous_trained = self.published_trained
-        self.model.eval()
-        base_sizes, self.model.transform.min_size = self.model.transform.min_size, (self.base_size,)
-        state_dict = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-        self.model.transform.min_size = base_sizes
+        model = self.published_model()
+        model.eval()
+        state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         meta = {
             "parent": previous,
             "session": self.id,
@@ -304,11 +314,12 @@ class TrainingSession:
             "settings": {"learning_rate": self.settings.learning_rate, "batch_size": self.settings.batch_size,
                          "train_mode": self.settings.train_mode, "new_fraction": self.settings.new_fraction,
                          "min_size": self.base_size, "full_after": self.settings.full_after,
-                         "warmup_steps": self.settings.warmup_steps, "decay_steps": self.settings.decay_steps},
+                         "warmup_steps": self.settings.warmup_steps, "decay_steps": self.settings.decay_steps,
+                         "ema_decay": self.settings.ema_decay},
             "starting_weights": self.starting_source,
         }
         try:
-            validation = self.validator.evaluate(self.model, self.classes, self.base_size, self.device)
+            validation = self.validator.evaluate(model, self.classes, self.base_size, self.device)
             verdict = self.guard.decide(self, validation)
         except Exception as exc:  # an evaluation failure must not end the session or lose the version
             log.exception("project %s: validation / guard failed; publishing unguarded", self.inputs.project)
@@ -327,7 +338,7 @@ class TrainingSession:
         self.last_verdict = verdict
         if verdict.accept:
             self.active_name = name
-            self.served = self._eval_copy(copy.deepcopy(self.model))
+            self.served = self._eval_copy(copy.deepcopy(model))
             self.served_classes = self.classes
             self.guard.adopt_first(self)  # a project's first version: the baseline of the live signal
         else:  # the checkpoint holds the weights the guard rejected: a crash now would resume them
@@ -371,7 +382,8 @@ class TrainingSession:
                     "optimizer": self.optimizer.state_dict(), "trained": self.trained,
                     "passes": {str(k): v for k, v in self.sampler.passes.items()},
                     "total_steps": self.total_steps, "steps": self.steps, "warm_from": self.warm_from,
-                    "decay_at": self.decay_at, "decay_len": self.decay_len}, tmp)
+                    "decay_at": self.decay_at, "decay_len": self.decay_len,
+                    "ema": self.ema.state_dict() if self.ema is not None else None}, tmp)
         os.replace(tmp, path)
 
     def resume(self) -> bool:
@@ -395,6 +407,8 @@ class TrainingSession:
             self.optimizer, self.mode = sgd(self.model, self.settings.learning_rate), saved["mode"]
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
+        if self.ema is not None:  # the average the killed session had built, else one starting at its weights
+            self.ema.load_state_dict(saved["ema"]) if saved.get("ema") else self.ema.reset(self.model)
         self.trained = {k: v for k, v in saved["trained"].items() if int(k) in self.sampler.records}
         self.total_steps = saved["total_steps"]
         self.steps, self.warm_from = saved["steps"], saved["warm_from"]
@@ -405,7 +419,7 @@ class TrainingSession:
         # what the checkpoint trained on needs no front-of-queue draw; changed images still get one
         self.sampler.fresh = [t for t in self.sampler.fresh if self.trained.get(str(t)) != self.sampler.records[t].updated_at]
         # A decay tail that fair share paused goes on where it was, unless new work came meanwhile. Started afresh
-        # it would need IDLE_AFTER and its whole tail (a tenth of all steps) again in every slice: with more
+        # it would need IDLE_AFTER and its whole tail (a fifth of all steps) again in every slice: with more
         # projects than workers an idle project would be paused before it ends, again and again, for ever.
         if saved.get("decay_at") is not None and not self.sampler.fresh:
             self.decay_at, self.decay_len = saved["decay_at"], saved["decay_len"]
