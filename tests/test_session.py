@@ -77,9 +77,10 @@ def test_the_moving_average_ramps_in_then_averages_and_leaves_integer_tensors_al
     assert torch.allclose(ema.module.weight, torch.full((2,), 3.0))
     ema.reset(model)
     assert ema.updates == 0 and torch.equal(ema.module.weight, model.weight)
+    ema.update(model)
     again = ModelEma(torch.nn.BatchNorm1d(2), decay=0.9)
     again.load_state_dict(ema.state_dict())
-    assert again.updates == 0 and torch.equal(again.module.weight, model.weight)
+    assert again.updates == 1 and torch.equal(again.module.weight, ema.module.weight)
 
 
 def test_versions_publish_the_average_of_the_weights_and_ema_decay_0_the_raw_ones(tmp_path, image_server):
@@ -143,6 +144,15 @@ def test_session_publishes_what_it_trained_on_and_a_checkpoint_resumes_it(tmp_pa
     assert again.ema.updates == session.ema.updates == session.steps
     for name, value in again.ema.module.state_dict().items():
         assert torch.equal(value, session.ema.module.state_dict()[name]), name
+    # a checkpoint written before EMA_DECAY existed (no "ema"): the average starts at the resumed weights
+    saved = torch.load(session.checkpoint_path, weights_only=True)
+    del saved["ema"]
+    torch.save(saved, session.checkpoint_path)
+    older = TrainingSession(settings, starting, fetcher, SessionInputs("1", "p", LABELS), torch.device("cpu"))
+    older.update(records[:5])
+    assert older.resume() and older.ema.updates == 0
+    for name, value in older.ema.module.state_dict().items():
+        assert torch.equal(value, session.model.state_dict()[name]), name
     again.start_decay()
     while not again.decay_done():
         again.step()

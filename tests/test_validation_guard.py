@@ -196,6 +196,10 @@ def test_guard_holds_back_a_worse_version_and_trains_on_from_the_active_weights(
     assert saved["base"] == trained.v1
     for name, value in saved["model"].items():
         assert torch.equal(value, active_state[name]), name
+    # the average of the weights (what versions publish) restarted at the active version too
+    assert session.ema.updates == 0 and saved["ema"]["updates"] == 0
+    for name, value in saved["ema"]["model"].items():
+        assert torch.equal(value, active_state[name]), name
     same = session.publish()
     assert store.active() == same and "held_back" not in store.meta(same)
     assert store.meta(same)["guard"]["verdict"] == "accepted" and store.meta(same)["parent"] == trained.v1

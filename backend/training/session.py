@@ -283,8 +283,8 @@ class TrainingSession:
         return self.ema.module if self.ema is not None else self.model
 
     def publish(self) -> str:
-        """Publish the model as it is now (atomically; as the active version unless the guard holds it back,
-        ``training.guard``); returns the version's name."""
+        """Publish ``published_model()`` as it is now (atomically; as the active version unless the guard holds
+        it back, ``training.guard``); returns the version's name."""
         records = self.sampler.records
         trained = dict(self.trained)
         previous = self.active_name
@@ -407,8 +407,10 @@ class TrainingSession:
             self.optimizer, self.mode = sgd(self.model, self.settings.learning_rate), saved["mode"]
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
-        if self.ema is not None:  # the average the killed session had built, else one starting at its weights
-            self.ema.load_state_dict(saved["ema"]) if saved.get("ema") else self.ema.reset(self.model)
+        if self.ema is not None and saved.get("ema"):  # the average the killed session had built
+            self.ema.load_state_dict(saved["ema"])
+        elif self.ema is not None:  # a checkpoint from before EMA_DECAY (or written with it off): start at its weights
+            self.ema.reset(self.model)
         self.trained = {k: v for k, v in saved["trained"].items() if int(k) in self.sampler.records}
         self.total_steps = saved["total_steps"]
         self.steps, self.warm_from = saved["steps"], saved["warm_from"]
