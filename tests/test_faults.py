@@ -309,8 +309,10 @@ def test_disk_full_while_publishing(env, small_disk):
     assert env.client.get("/status").get_json()["projects"][env.project]["last_error"].startswith("could not publish")
 
     filler.unlink()  # space again: the next try publishes
-    found = env.wait(lambda: env.covering(late), timeout=180, what="a version with the late submit")
-    assert env.store.active() == found[-1]["name"] and not env.status().get("last_error")
+    # the version is written, then made active, then the worker clears the error in the status: wait for all
+    env.wait(lambda: (found := env.covering(late)) and env.store.active() == found[-1]["name"], timeout=180,
+             what="an active version with the late submit")
+    env.wait(lambda: not env.status().get("last_error"), timeout=30, what="the error cleared from the status")
     assert [p.name for p in small_disk.iterdir() if p.name.startswith(".tmp-")] == []
     env.wait(lambda: env.predict()["model_version"] == env.store.active(), timeout=10, what="/predict on it")
 
