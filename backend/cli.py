@@ -200,6 +200,31 @@ def complete(args: argparse.Namespace) -> int:
     return _follow(connection, job_id, args.wait) if args.wait else 0
 
 
+def stream(args: argparse.Namespace) -> int:
+    """Set a project's sampling in Label Studio by hand (uncertainty / sequential / random)."""
+    from backend.errors import LivetrainError
+    from backend.jobs.connection import connect
+    from backend.jobs.state import ls_credentials
+    from backend.jobs.stream_state import StreamState
+    from backend.labelstudio.client import LabelStudioClient
+
+    settings = Settings.from_env()
+    try:
+        connection = connect(settings)
+        url, key = ls_credentials(settings, connection)
+        with LabelStudioClient(url, key) as client:
+            before = client.project(args.project).get("sampling")
+            after = client.set_sampling(args.project, args.mode).get("sampling")
+        # by hand is final: LABEL_STREAM=uncertainty must not switch it again later
+        StreamState(connection, args.project).mark_switched({"from": before, "to": after, "by": "livetrain stream"},
+                                                         by_hand=True)
+    except LivetrainError as exc:
+        print(f"livetrain: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"project {args.project}: sampling {before!r} -> {after!r}")
+    return 0
+
+
 def simulate(args: argparse.Namespace) -> int:
     from backend.simulation.run import simulate as run_simulation
 
@@ -263,6 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-annotated", action="store_true", help="leave tasks that have annotations alone")
     p.add_argument("--wait", type=float, default=0, help="wait up to this many seconds for the job to finish")
     p.set_defaults(func=complete)
+    p = sub.add_parser("stream", help="set the project's label stream in Label Studio: uncertainty (the most useful "
+                       "task next, diverse by cluster), sequential or random")
+    p.add_argument("project")
+    p.add_argument("mode", choices=("uncertainty", "sequential", "random"))
+    p.set_defaults(func=stream)
     p = sub.add_parser("simulate", help="replay a COCO dataset as an annotation session and plot the model quality")
     add_simulate_arguments(p)
     p.set_defaults(func=simulate)

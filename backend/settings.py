@@ -91,13 +91,16 @@ class Settings:
     # Prediction
     score_threshold: float = field(default=0.5, metadata={"env": "SCORE_THRESHOLD", "doc": "Regions below this score are not returned. A tag's `model_score_threshold` attribute overrides it."})
     max_detections: int = field(default=100, metadata={"env": "MAX_DETECTIONS", "doc": "At most this many regions per image."})
-    uncertainty: str = field(default="least_confidence", metadata={"env": "UNCERTAINTY", "doc": "How the task `score` (confidence, low = uncertain) is computed: `least_confidence` (least certain raw detection), `entropy` (largest class entropy of the RoI head's proposals) or `flip_stability` (agreement of the boxes found on the image and its mirror image; two forwards). See backend/inference/uncertainty.py."})
+    uncertainty: str = field(default="least_confidence", metadata={"env": "UNCERTAINTY", "doc": "How the task `score` (confidence, low = uncertain) is computed: `least_confidence` (least certain raw detection), `mean_confidence` (score-weighted mean uncertainty of the raw detections: spreads where images hold many objects), `entropy` (largest class entropy of the RoI head's proposals) or `flip_stability` (agreement of the boxes found on the image and its mirror image; two forwards). See backend/inference/uncertainty.py."})
     mask_output: str = field(default="instance", metadata={"env": "MASK_OUTPUT", "doc": "Mask projects: `instance` (one region per detected object, with its score) or `semantic` (one region per class: the union of its objects' masks, scored by the best of them)."})
     polygon_tolerance: float = field(default=1.5, metadata={"env": "POLYGON_TOLERANCE", "doc": "PolygonLabels predictions: contours are simplified with at most this tolerance, in image pixels (a part is traced finer when that tolerance would lose more than 3% IoU, e.g. thin shapes)."})
     polygon_max_points: int = field(default=200, metadata={"env": "POLYGON_MAX_POINTS", "doc": "PolygonLabels predictions: at most this many points per polygon (the tolerance then grows until it fits; Label Studio slows down on polygons with thousands of points)."})
     predict_device: str = field(default="", metadata={"env": "PREDICT_DEVICE", "doc": "Where web processes run /predict: `auto`, `cpu` or `cuda`; empty = DEVICE. `cpu` keeps the web processes off the GPU that the training workers use."})
     max_loaded_models: int = field(default=8, metadata={"env": "MAX_LOADED_MODELS", "doc": "Project models each web process keeps in memory; the least recently used is dropped and loaded again at its project's next request."})
     predict_skip_annotated: bool = field(default=False, metadata={"env": "PREDICT_SKIP_ANNOTATED", "doc": "Don't auto-predict tasks that already have annotations: /predict answers them with an empty result (still one result per task)."})
+    # The label stream
+    label_stream: str = field(default="uncertainty", metadata={"env": "LABEL_STREAM", "doc": "`uncertainty`: when a project connects, livetrain switches its sampling to Label Studio's \"Uncertainty sampling\" once (Community greys it out in the UI, but the server implements it) and logs it; switch it back in Label Studio or with `livetrain stream` and it stays so. `keep`: never touch the project's sampling. Either way predictions carry a `score` and a `cluster`, and before the first version the typical images of each cluster are served first (docs/label-stream.md)."})
+    stream_prepare: bool = field(default=True, metadata={"env": "STREAM_PREPARE", "doc": "When a project connects and when tasks are imported, embed the new tasks' images with the pretrained backbone, cluster them, and (before the first version) write typical-first predictions so that the first labels cover the data."})
     # Re-scoring: fresh predictions for Label Studio's uncertainty sampling after each version
     rescore_on_publish: bool = field(default=True, metadata={"env": "RESCORE_ON_PUBLISH", "doc": "After each published version, score the unlabeled tasks with it in the background, write the predictions into Label Studio and move the project's model_version to it."})
     rescore_limit: int = field(default=0, metadata={"env": "RESCORE_LIMIT", "doc": "At most this many unlabeled tasks are re-scored per version, the most useful first (never scored, then lowest previous score); 0 = all."})
@@ -162,8 +165,10 @@ class Settings:
             raise ValueError("WARMUP_STEPS and DECAY_STEPS must be 0 or more and CHECKPOINT_EVERY at least 1")
         if self.train_threads < 0 or self.rescore_threads < 0:
             raise ValueError("TRAIN_THREADS and RESCORE_THREADS must be 0 (all cores) or more")
-        if self.uncertainty not in ("least_confidence", "entropy", "flip_stability"):
-            raise ValueError("UNCERTAINTY must be least_confidence, entropy or flip_stability")
+        if self.uncertainty not in ("least_confidence", "mean_confidence", "entropy", "flip_stability"):
+            raise ValueError("UNCERTAINTY must be least_confidence, mean_confidence, entropy or flip_stability")
+        if self.label_stream not in ("uncertainty", "keep"):
+            raise ValueError("LABEL_STREAM must be uncertainty or keep")
         if self.old_predictions not in ("delete", "keep"):
             raise ValueError("RESCORE_OLD_PREDICTIONS must be delete or keep")
         if self.rescore_limit < 0 or self.rescore_batch < 1:

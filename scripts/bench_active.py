@@ -1,17 +1,30 @@
-"""Active learning on BCCD: labeling in uncertainty order vs random order, same seed, same budget.
+"""Does the label stream save labels? Strategies of choosing the next images, each trained as live training does.
 
-For each seed, both strategies start from the same random labeled set of ``budgets[0]`` train images.
-At each budget a detector is trained on the labeled set (fresh model, pretrained Lite0 backbone, the same
-torch seed and iteration count for both strategies, SGD warm-up + cosine, horizontal flip + jitter) and its
-box mAP@0.5 on the test split is measured with pycocotools. To reach the next budget, ``random`` draws
-the next images at random; ``uncertainty`` scores the unlabeled pool (at most ``--pool`` images, the same
-seeded subset for the whole run) with that model and the UNCERTAINTY measure (as livetrain's re-scoring
-does) and labels the lowest-confidence ones, which is what Label Studio's uncertainty sampling serves.
+For each seed a pool of ``--pool`` train images is drawn; every strategy labels images from it, budget after
+budget (``--budgets``, e.g. 10 20 40 60 80), and its model is scored on the test split (box mAP for a box
+dataset, mask mAP for one with polygons; pycocotools) after each budget. Training follows the labels as a live
+session does: one model per strategy, **continued** from the previous budget's weights with
+``--steps-per-label`` steps per newly labeled image (half the draws on the new images, half replaying all),
+heads-only until FULL_AFTER images and then the full model, SGD with warm-up and a cosine tail per budget.
 
-    python scripts/bench_active.py --data ../shared/datasets/bccd [--budgets 20 40 80] [--seeds 0 1 2]
-        [--iters 300] [--min-size 320] [--pool 0] [--measure least_confidence] [--out active.json]
+Strategies (what Label Studio's ``/next/`` would serve, livetrain's predictions given):
 
-Prints the mean (and spread) of both curves and writes every run to JSON.
+* ``random``: the next images at random (Label Studio's fallback, or sequential order on shuffled data);
+* ``uncertainty``: the lowest ``--measure`` confidence first (what livetrain served before clusters);
+* ``clusters``: Label Studio's uncertainty sampling with livetrain's ``cluster``: the least-covered cluster
+  first, then the lowest ``--cluster-measure`` confidence (``backend.inference.clusters``);
+* ``typical``: the first budget typical-first (the most typical image of each uncovered cluster, as livetrain's
+  cold-start predictions serve it), then as ``clusters``.
+
+``random``, ``uncertainty`` and ``clusters`` start from the same random first budget (trained once per seed).
+
+    python scripts/bench_active.py --data ../shared/datasets/bccd --seeds 0 1 2 3 4 --out active-bccd.json
+    python scripts/bench_active.py --report active-bccd.json      # the tables again, from a finished run
+
+Prints per budget the mean and standard error of each strategy's mAP@0.5, the area under mAP@0.5 vs labels, and
+the labels each strategy needs to reach random's mAP@0.5 at the last budget (linear interpolation on the mean
+curve; 95% bootstrap interval over seeds). mAP is a deterministic function of the seeds, so a loaded machine only
+makes the run slower; the seconds it prints are not benchmark figures.
 """
 
 from __future__ import annotations
@@ -25,145 +38,294 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from PIL import Image  # noqa: E402
+
+from backend.inference.clusters import grow, target_clusters, typical_first_scores, typicality  # noqa: E402
+from backend.inference.embeddings import Embedder  # noqa: E402
 from backend.inference.predictor import FORWARD_BATCH, RAW_SCORE_FLOOR  # noqa: E402
 from backend.inference.uncertainty import MEASURES, detect_and_score  # noqa: E402
-from backend.metrics.coco_map import evaluate_map  # noqa: E402
-from backend.model_store.architectures import LITE0, build_detector  # noqa: E402
+from backend.labelstudio.convert import image_to_tensor  # noqa: E402
+from backend.model_store.models import model_for_round  # noqa: E402
+from backend.model_store.weights import resolve_starting_weights  # noqa: E402
+from backend.settings import Settings  # noqa: E402
+from backend.simulation.offline import Examples  # noqa: E402
 from backend.training.coco import load_coco  # noqa: E402
 from backend.training.engine import TrainState, sgd, train_steps, warmup_cosine  # noqa: E402
+from backend.training.modes import apply_mode, body_trainable, choose_mode, working_limit  # noqa: E402
 from backend.training.transforms import augment  # noqa: E402
+from backend.training.validation import evaluate_model  # noqa: E402
 
 log = logging.getLogger("bench_active")
-FIRST: dict = {}  # (seed, labeled ids) -> (model, scores) at the first budget
+STRATEGIES = ("random", "uncertainty", "clusters", "typical")
 
 
-def batches(images, batch_size: int, seed: int):
-    rng = random.Random(seed)
-    while True:
-        order = images[:]
-        rng.shuffle(order)
-        for start in range(0, max(1, len(order) - batch_size + 1), batch_size):
-            pairs = [augment(im.load(), im.target()) for im in order[start:start + batch_size]]
-            yield [p[0] for p in pairs], [p[1] for p in pairs]
+# -- training as live training does: one model, continued ----------------------------------------
+class Learner:
+    def __init__(self, starting, classes, settings: Settings, task: str, seed: int):
+        random.seed(seed)
+        torch.manual_seed(seed)
+        self.settings, self.task, self.seed = settings, task, seed
+        self.model = model_for_round(starting, None, tuple(classes), settings.min_size)
+        self.trainable = body_trainable(self.model)
+        self.base = self.model.transform.min_size[0]
+        self.limit = working_limit(self.model)
+        self.steps = 0
 
+    def train(self, examples: list, new: list, steps: int) -> None:
+        mode = choose_mode(self.settings, len(examples))
+        apply_mode(self.model, mode, self.trainable)
+        self.model.transform.min_size = (self.base,)
+        self.model.train()
+        optimizer = sgd(self.model, self.settings.learning_rate)
+        state = TrainState(self.model, optimizer, warmup_cosine(optimizer, steps, min(10, steps // 5)), steps)
+        rng = random.Random(self.seed * 7919 + len(examples))
 
-def train(labeled, num_classes: int, args, seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    random.seed(seed)  # augment() draws from the global generator
-    model = build_detector(LITE0, num_classes + 1, pretrained_backbone=True, min_size=args.min_size,
-                           max_size=2 * args.min_size, box_batch_size_per_image=128)
-    optimizer = sgd(model, args.lr)
-    state = TrainState(model, optimizer, warmup_cosine(optimizer, args.iters, max(1, min(50, args.iters // 5))),
-                       args.iters)
-    train_steps(state, batches(labeled, min(2, len(labeled)), seed), torch.device("cpu"))
-    return model
+        def batches():
+            while True:
+                pairs = [rng.choice(new if new and rng.random() < 0.5 else examples)
+                         for _ in range(self.settings.batch_size)]
+                images, targets = zip(*(augment(image_to_tensor(pil), target) for pil, target in pairs))
+                yield list(images), list(targets)
+
+        train_steps(state, batches(), torch.device("cpu"))
+        self.steps += steps
+        self.model.eval()
+
+    def state(self) -> dict:
+        return {k: v.clone() for k, v in self.model.state_dict().items()}
+
+    def load(self, state: dict, steps: int) -> None:
+        self.model.load_state_dict(state)
+        self.steps = steps
 
 
 @torch.inference_mode()
-def confidences(model, images, measure: str) -> list[float]:
+def confidences(model, examples: list, measure: str) -> list[float]:
     model.eval()
     model.roi_heads.score_thresh = RAW_SCORE_FLOOR
     out = []
-    for start in range(0, len(images), FORWARD_BATCH):
-        _, scores = detect_and_score(model, [im.load() for im in images[start:start + FORWARD_BATCH]], measure)
-        out += scores
+    for start in range(0, len(examples), FORWARD_BATCH):
+        tensors = [image_to_tensor(pil) for pil, _ in examples[start:start + FORWARD_BATCH]]
+        out += detect_and_score(model, tensors, measure)[1]
+    model.roi_heads.score_thresh = 0.05
     return out
 
 
-def run_strategy(strategy: str, seed: int, train_pool, test, num_classes: int, args) -> list[dict]:
+# -- choosing the next images as Label Studio's /next/ would --------------------------------------
+def pick_by_cluster(candidates: list[int], scores: dict[int, float], cluster: dict[int, int],
+                    labeled: list[int], need: int) -> list[int]:
+    """Label Studio's uncertainty sampling, one annotator: least-covered cluster first, then lowest score;
+    each pick covers its cluster once more."""
+    covered: dict[int, int] = {}
+    for i in labeled:
+        covered[cluster[i]] = covered.get(cluster[i], 0) + 1
+    left, picked = list(candidates), []
+    for _ in range(min(need, len(left))):
+        best = min(left, key=lambda i: (covered.get(cluster[i], 0), scores[i], i))
+        picked.append(best)
+        left.remove(best)
+        covered[cluster[best]] = covered.get(cluster[best], 0) + 1
+    return picked
+
+
+def run_seed(seed: int, data: dict, args) -> list[dict]:
     rng = random.Random(seed)
-    order = train_pool[:]
-    rng.shuffle(order)
-    labeled = order[:args.budgets[0]]  # the same start for both strategies
+    pool = rng.sample(data["train_ids"], min(args.pool, len(data["train_ids"])))
+    x = np.stack([data["embedding"][i] for i in pool])
+    centroids = grow(x, None, target_clusters(len(pool)), seed=seed)
+    labels = np.argmin(((x[:, None, :] - centroids[None]) ** 2).sum(-1), axis=1)
+    cluster = {i: int(c) for i, c in zip(pool, labels)}
+    typical = typicality(x)
+    start_random = pool[: args.budgets[0]]  # the pool is already in random order
+    shared: dict = {}
     rows = []
-    for i, budget in enumerate(args.budgets):
-        started = time.perf_counter()
-        key = (seed, tuple(sorted(im.id for im in labeled)))
-        if key in FIRST:  # both strategies start from the same set and seed: the same model, train it once
-            model, scores = FIRST[key]
+    for strategy in args.strategies:
+        learner = Learner(data["starting"], data["classes"], data["settings"], data["task"], seed)
+        if strategy == "typical":
+            typ = typical_first_scores(typical, labels, np.ones(len(pool), bool))
+            scores = {i: float(s) for i, s in zip(pool, typ)}
+            labeled = pick_by_cluster(pool, scores, cluster, [], args.budgets[0])
         else:
-            model = train(labeled, num_classes, args, seed)
-            scores = evaluate_map(model, test, num_classes)
-            if i == 0:
-                FIRST[key] = (model, scores)
-        rows.append({"strategy": strategy, "seed": seed, "labeled": len(labeled), "map50": scores["map50"],
-                     "map": scores["map"], "ap50_per_class": scores["ap50_per_class"],
-                     "seconds": round(time.perf_counter() - started, 1)})
-        print(json.dumps(rows[-1]), flush=True)
-        if i + 1 == len(args.budgets):
-            break
-        need = args.budgets[i + 1] - len(labeled)
-        taken = {im.id for im in labeled}
-        unlabeled = [im for im in order if im.id not in taken]
-        if strategy == "random":
-            labeled = labeled + rng.sample(unlabeled, need)
-            continue
-        pool = [im for im in args.scored_pool if im.id not in taken] if args.pool else unlabeled
-        conf = confidences(model, pool, args.measure)
-        ranked = [im for _, im in sorted(zip(conf, pool), key=lambda pair: (pair[0], pair[1].id))]
-        picked = ranked[:need]
-        if len(picked) < need:  # the capped pool ran dry: the rest at random
-            chosen = {im.id for im in picked}
-            picked += rng.sample([im for im in unlabeled if im.id not in chosen], need - len(picked))
-        labeled = labeled + picked
+            labeled = list(start_random)
+        for b, budget in enumerate(args.budgets):
+            started = time.perf_counter()
+            new = labeled[len(labeled) - (budget - (args.budgets[b - 1] if b else 0)):]
+            key = (b, tuple(sorted(labeled)))
+            if b == 0 and strategy != "typical" and key in shared:
+                learner.load(*shared[key])
+            else:
+                steps = args.steps_per_label * len(new)
+                learner.train([data["examples"][i] for i in labeled], [data["examples"][i] for i in new], steps)
+                if b == 0 and strategy != "typical":
+                    shared[key] = (learner.state(), learner.steps)
+                    shared[("map", key)] = evaluate_model(learner.model, data["test"], data["classes"],
+                                                          data["task"] == "masks")
+            scores_map = shared.get(("map", key)) if b == 0 and strategy != "typical" else None
+            scores_map = scores_map or evaluate_model(learner.model, data["test"], data["classes"], data["task"] == "masks")
+            kind = "mask" if data["task"] == "masks" else "box"
+            covered = len({cluster[i] for i in labeled})
+            rows.append({"strategy": strategy, "seed": seed, "labeled": len(labeled), "steps": learner.steps,
+                         "map50": scores_map[kind]["map50"], "map": scores_map[kind]["map"],
+                         "clusters_covered": covered, "clusters": int(len(centroids)),
+                         "seconds": round(time.perf_counter() - started, 1)})
+            print(json.dumps(rows[-1]), flush=True)
+            if b + 1 == len(args.budgets):
+                break
+            need = args.budgets[b + 1] - len(labeled)
+            taken = set(labeled)
+            left = [i for i in pool if i not in taken]
+            if strategy == "random":
+                labeled = labeled + rng.sample(left, need)
+                continue
+            measure = args.measure if strategy == "uncertainty" else args.cluster_measure
+            conf = confidences(learner.model, [data["examples"][i] for i in left], measure)
+            scores = dict(zip(left, conf))
+            rows[-1]["pool_scores_iqr"] = round(float(np.subtract(*np.percentile(conf, [75, 25]))), 4)
+            if strategy == "uncertainty":
+                labeled = labeled + sorted(left, key=lambda i: (scores[i], i))[:need]
+            else:
+                labeled = labeled + pick_by_cluster(left, scores, cluster, labeled, need)
     return rows
 
 
-def summary(rows: list[dict], budgets: list[int]) -> str:
-    lines = ["| labeled images | random mAP@0.5 | uncertainty mAP@0.5 | difference |", "|---:|---:|---:|---:|"]
-    for budget in budgets:
-        means = {}
-        for strategy in ("random", "uncertainty"):
-            values = [r["map50"] for r in rows if r["strategy"] == strategy and r["labeled"] == budget]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            means[strategy] = (statistics.mean(values), spread, len(values))
-        (rm, rs, n), (um, us, _) = means["random"], means["uncertainty"]
-        lines.append(f"| {budget} | {rm:.3f} ± {rs:.3f} | {um:.3f} ± {us:.3f} | {um - rm:+.3f} (n={n}) |")
+# -- the report ------------------------------------------------------------------------------------
+def curve(rows: list[dict], strategy: str, budgets: list[int], seeds: list[int], metric: str) -> np.ndarray:
+    """seeds x budgets of ``metric``."""
+    table = {(r["seed"], r["labeled"]): r[metric] for r in rows if r["strategy"] == strategy}
+    return np.array([[table[(s, b)] for b in budgets] for s in seeds])
+
+
+def labels_to_reach(mean: np.ndarray, budgets: list[int], target: float) -> float:
+    """The labels at which the (linearly interpolated) mean curve first reaches ``target``; inf if never."""
+    if mean[0] >= target:
+        return float(budgets[0])
+    for j in range(1, len(budgets)):
+        if mean[j] >= target:
+            lo, hi = mean[j - 1], mean[j]
+            return budgets[j - 1] + (budgets[j] - budgets[j - 1]) * (target - lo) / max(hi - lo, 1e-9)
+    return float("inf")
+
+
+def report(rows: list[dict], budgets: list[int], strategies: list[str], metric: str = "map50",
+           boot: int = 2000) -> str:
+    seeds = sorted({r["seed"] for r in rows if all(
+        any(q["seed"] == r["seed"] and q["strategy"] == s and q["labeled"] == budgets[-1] for q in rows)
+        for s in strategies)})
+    if not seeds:
+        return "no seed finished every strategy"
+    curves = {s: curve(rows, s, budgets, seeds, metric) for s in strategies}
+    n = len(seeds)
+    lines = [f"{metric}, {n} seed(s) {seeds}: mean ± standard error", "",
+             "| labeled | " + " | ".join(strategies) + " |", "|---:|" + "---:|" * len(strategies)]
+    for j, b in enumerate(budgets):
+        cells = []
+        for s in strategies:
+            v = curves[s][:, j]
+            se = statistics.stdev(v) / n ** 0.5 if n > 1 else 0.0
+            cells.append(f"{v.mean():.3f} ± {se:.3f}")
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    span = budgets[-1] - budgets[0]
+    auc = {s: float(np.trapz(curves[s].mean(0), budgets) / span) for s in strategies}
+    lines += ["", "| strategy | area under mAP vs labels (mean mAP) | vs random, paired (± SE) | "
+              f"labels to reach random's mAP at {budgets[-1]} [95% bootstrap] |", "|---|---:|---:|---:|"]
+    rng = np.random.default_rng(0)
+    target = curves["random"][:, -1].mean() if "random" in curves else None
+    for s in strategies:
+        per_seed = np.trapz(curves[s], budgets, axis=1) / span
+        diff = per_seed - np.trapz(curves["random"], budgets, axis=1) / span if "random" in curves else per_seed * 0
+        se = statistics.stdev(diff) / n ** 0.5 if n > 1 else 0.0
+        reach = labels_to_reach(curves[s].mean(0), budgets, target) if target is not None else float("nan")
+        draws = []
+        for _ in range(boot if n > 1 else 0):
+            idx = rng.integers(n, size=n)
+            draws.append(labels_to_reach(curves[s][idx].mean(0), budgets, curves["random"][idx, -1].mean()))
+        interval = (f"[{_fmt(np.percentile(draws, 2.5))}, {_fmt(np.percentile(draws, 97.5))}]" if draws else "")
+        lines.append(f"| {s} | {auc[s]:.3f} | {diff.mean():+.3f} ± {se:.3f} | {_fmt(reach)} {interval} |")
     return "\n".join(lines)
 
 
+def _fmt(value: float) -> str:
+    return f"> {BUDGET_MAX}" if not np.isfinite(value) else f"{value:.1f}"
+
+
+BUDGET_MAX = 80
+
+
+def load(args) -> dict:
+    classes, images = load_coco(args.data)
+    task = "masks" if any(im.has_polygons for im in images) and not args.boxes else "boxes"
+    settings = Settings.from_env({}, min_size=args.min_size, learning_rate=args.lr)
+    starting = resolve_starting_weights(settings.arch_for(task) if task == "masks" else "fasterrcnn_lite0_fpn",
+                                        download=False, task=task)
+    train = {im.id: im for im in images if im.split == "train"}
+    test = [im for im in images if im.split == "test"][: args.test_limit or None]
+    probe = model_for_round(starting, None, tuple(classes), settings.min_size)
+    limit = working_limit(probe)
+    log.info("decoding %d train and %d test images at %s", len(train), len(test), limit)
+    train_examples = Examples(list(train.values()), limit, task)
+    examples = {im_id: item for im_id, item in zip(train, train_examples.items)}
+    test_examples = Examples(test, limit, task)
+    test_items = [(im.id, image_to_tensor(pil), target) for im, (pil, target) in zip(test, test_examples.items)]
+    embedder = Embedder()
+    embedding = {}
+    for im_id, im in train.items():
+        with Image.open(im.path) as opened:
+            embedding[im_id] = embedder.embed([opened.convert("RGB")])[0]
+    return {"classes": tuple(classes), "task": task, "settings": settings, "starting": starting,
+            "train_ids": sorted(train), "examples": examples, "test": test_items, "embedding": embedding}
+
+
 def main() -> None:
+    global BUDGET_MAX
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared/datasets/bccd"))
-    parser.add_argument("--budgets", type=int, nargs="+", default=[20, 40, 80])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--iters", type=int, default=300)
-    parser.add_argument("--min-size", type=int, default=320)
+    parser.add_argument("--budgets", type=int, nargs="+", default=[10, 20, 40, 60, 80])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    parser.add_argument("--steps-per-label", type=int, default=6)
+    parser.add_argument("--pool", type=int, default=150, help="the unlabeled pool each seed draws from the train split")
+    parser.add_argument("--min-size", type=int, default=0, help="0 = the architecture's working size")
     parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--pool", type=int, default=0, help="score at most this many unlabeled images (0 = all)")
-    parser.add_argument("--measure", default="least_confidence", choices=MEASURES)
-    parser.add_argument("--test-limit", type=int, default=0, help="evaluate on the first N test images (0 = all; "
-                        "for smoke runs only)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--measure", default="least_confidence", choices=MEASURES, help="for 'uncertainty'")
+    parser.add_argument("--cluster-measure", default="mean_confidence", choices=MEASURES,
+                        help="for 'clusters' and 'typical'")
+    parser.add_argument("--boxes", action="store_true", help="a polygon dataset as boxes (Faster R-CNN)")
+    parser.add_argument("--test-limit", type=int, default=0, help="first N test images only (smoke runs)")
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="bench_active.json")
+    parser.add_argument("--report", default=None, metavar="JSON", help="print the tables of a finished run")
     args = parser.parse_args()
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        BUDGET_MAX = saved["args"]["budgets"][-1]
+        present = [s for s in STRATEGIES if any(r["strategy"] == s for r in saved["rows"])]
+        for metric in ("map50", "map"):
+            print(report(saved["rows"], saved["args"]["budgets"], present, metric) + "\n")
+        return
     if sorted(args.budgets) != args.budgets or len(set(args.budgets)) != len(args.budgets):
         parser.error("--budgets must be increasing")
+    if "random" not in args.strategies:
+        parser.error("'random' is the reference: keep it in --strategies")
+    BUDGET_MAX = args.budgets[-1]
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
-    classes, images = load_coco(args.data)
-    train_pool = [im for im in images if im.split == "train"]
-    test = [im for im in images if im.split == "test"][: args.test_limit or None]
-    if args.budgets[-1] > len(train_pool):
-        parser.error(f"the largest budget exceeds the {len(train_pool)} train images")
-    rows = []
+    data = load(args)
+    if args.budgets[-1] > min(args.pool, len(data["train_ids"])):
+        parser.error("the largest budget exceeds the pool")
+    rows: list[dict] = []
+    out = Path(args.out)
     for seed in args.seeds:
-        # the scored pool: a fixed random subset of the train images (labeled ones are left out when scoring)
-        args.scored_pool = random.Random(1000 + seed).sample(train_pool, min(args.pool, len(train_pool))) if args.pool else []
-        for strategy in ("random", "uncertainty"):
-            rows += run_strategy(strategy, seed, train_pool, test, len(classes), args)
-    print(f"\nBCCD, {len(test)} test images, seeds {args.seeds}, {args.iters} iterations at batch 2 per budget "
-          f"(fresh model each time), min_size {args.min_size}, UNCERTAINTY={args.measure}, "
-          f"pool {args.pool or 'all'}\n")
-    print(summary(rows, args.budgets))
-    Path(args.out).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "scored_pool"},
-                                          "rows": rows}, indent=1))
-    print(f"\nwrote {args.out}")
+        rows += run_seed(seed, data, args)
+        out.write_text(json.dumps({"args": vars(args), "task": data["task"], "rows": rows}, indent=1))
+    for metric in ("map50", "map"):
+        print("\n" + report(rows, args.budgets, args.strategies, metric))
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

@@ -109,12 +109,12 @@ class FakeLabelStudio:
         with self._lock:
             self._touch(self.tasks[self.annotations.pop(annotation_id)["task"]])
 
-    def add_prediction(self, task_id: int, result: list, score, model_version: str) -> int:
+    def add_prediction(self, task_id: int, result: list, score, model_version: str, cluster: int | None = None) -> int:
         with self._lock:
             pid, now = next(self._ids), self._now()
             task = self.tasks[task_id]
             self.predictions[pid] = {"id": pid, "result": list(result), "score": score, "model_version": model_version,
-                                     "cluster": None, "neighbors": None, "mislabeling": 0.0, "created_ago": "0 minutes",
+                                     "cluster": cluster, "neighbors": None, "mislabeling": 0.0, "created_ago": "0 minutes",
                                      "created_at": now, "updated_at": now, "model": None, "model_run": None,
                                      "task": task_id, "project": task["project"]}
             task["updated_at"] = self._now()
@@ -238,6 +238,12 @@ class FakeLabelStudio:
                 self.add_prediction(item["task"], item.get("result") or [], item.get("score"),
                                     item.get("model_version", "undefined"))
             return 201, {"created": len(body)}
+        if parts == ["api", "predictions"] and method == "POST":  # one prediction, every field (cluster too)
+            if not isinstance(body, dict) or body.get("task") not in self.tasks:
+                return 400, {"task": ["Invalid pk - object does not exist."]}
+            pid = self.add_prediction(body["task"], body.get("result") or [], body.get("score"),
+                                      body.get("model_version", "undefined"), body.get("cluster"))
+            return 201, dict(self.predictions[pid])
         if parts[:2] == ["api", "predictions"] and len(parts) == 3 and parts[2].isdigit() and method == "DELETE":
             prediction = self.predictions.pop(int(parts[2]), None)
             if prediction is None:

@@ -15,13 +15,15 @@ from numbers import Real
 
 from backend.api import plots
 from backend.jobs.state import QUALITY_WINDOW, ProjectState, known_projects
+from backend.jobs.stream import stream_report
 from backend.model_store.stores import list_projects, version_store
 
 log = logging.getLogger(__name__)
 
 BUSY = ("training", "syncing", "queued")  # project states during which the page refreshes quickly
 JOB_BUSY = ("queued", "running", "waiting")
-JOBS = (("rescore", "Re-scoring unlabeled tasks"), ("complete", "Complete (pre-labeling)"))
+JOBS = (("stream_job", "Label stream (embedding, clusters)"), ("rescore", "Re-scoring unlabeled tasks"),
+        ("complete", "Complete (pre-labeling)"))
 
 
 # -- formatting ---------------------------------------------------------------------------------------
@@ -223,6 +225,35 @@ def job_progress(kind: str, label: str, report) -> dict | None:
             "text": " · ".join(parts), "busy": report.get("state") in JOB_BUSY}
 
 
+def stream_view(report: dict | None, now: float) -> dict | None:
+    """The label stream: how Label Studio picks the next task, the clusters, the next tasks it will serve."""
+    if not isinstance(report, dict):
+        return None
+    behind = report.get("behind") if isinstance(report.get("behind"), dict) else {}
+    versions = number(behind.get("versions"))
+    lag = "–" if versions is None else ("up to date" if not versions else
+                                         f"{int(versions)} version(s), {fmt_duration(behind.get('seconds'))}")
+    switched = report.get("switched") if isinstance(report.get("switched"), dict) else None
+    mode = str(report.get("sampling") or "–")
+    if switched and switched.get("to") and switched.get("from") != switched.get("to"):
+        mode += f" (set by {switched.get('by') or 'livetrain'}; was {switched.get('from') or '–'})"
+    per_cluster = [c for c in report.get("per_cluster") or () if isinstance(c, dict)]
+    facts = [
+        fact("Sampling in Label Studio", mode, "stream_sampling"),
+        fact("LABEL_STREAM", str(report.get("label_stream") or "–"), "stream_setting"),
+        fact("Clusters", fmt(report.get("clusters"), 0), "stream_clusters"),
+        fact("Clusters with a label", str(sum(1 for c in per_cluster if number(c.get("labeled")))), "stream_covered"),
+        fact("Tasks clustered", fmt(report.get("embedded"), 0), "stream_embedded"),
+        fact("Scores of version", str(report.get("model_version") or "–"), "stream_version"),
+        fact("Behind the active version", lag, "stream_behind"),
+        fact("Updated", fmt_time(report.get("updated_at"), now), "stream_updated"),
+    ]
+    upcoming = [[str(n.get("task")), fmt(n.get("score"), 4), fmt(n.get("cluster"), 0)]
+                for n in report.get("next") or () if isinstance(n, dict)]
+    clusters = [[fmt(c.get("cluster"), 0), fmt(c.get("tasks"), 0), fmt(c.get("labeled"), 0)] for c in per_cluster]
+    return {"facts": facts, "next": upcoming, "clusters": clusters}
+
+
 def project_view(settings, connection, project: str, now: float | None = None) -> dict:
     """Everything the page shows of one project."""
     now = time.time() if now is None else now
@@ -253,6 +284,7 @@ def project_view(settings, connection, project: str, now: float | None = None) -
         fact("Updated", fmt_time(status.get("updated_at"), now), "updated"),
     ]
     jobs = [j for kind, label in JOBS if (j := job_progress(kind, label, status.get(kind)))]
+    stream = stream_view(stream_report(settings, connection, project, status), now)
     state_name = str(status.get("state") or "idle")
     return {
         "id": project,
@@ -266,6 +298,7 @@ def project_view(settings, connection, project: str, now: float | None = None) -
         "session": {"title": "Session running" if running else "Last session",
                     "facts": session_facts(session, now, bool(running))} if session else None,
         "jobs": jobs,
+        "stream": stream,
         "charts": {"quality": quality_chart(quality), "loss": loss_chart(loss), "map": map_chart(rows)},
         "counts": {"quality": len(quality), "loss": len(loss), "versions": len(rows)},
         "versions": rows,

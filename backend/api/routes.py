@@ -20,6 +20,7 @@ from backend.jobs.connection import ping
 from backend.jobs.jobs import job_report
 from backend.jobs.rescoring import complete_options, enqueue_complete, enqueue_rescore, rescore_after_publish
 from backend.jobs.state import ProjectState, known_projects, save_ls_fallback
+from backend.jobs.stream import SETUP_COOLDOWN, stream_after_event, stream_report
 from backend.jobs.training import enqueue_training, rollback_to
 from backend.labelstudio.label_config import parse_label_config
 from backend.labelstudio.protocol import project_id, short_repr
@@ -91,6 +92,8 @@ def setup():
         save_ls_fallback(state().redis, hostname, token)
     except redis.RedisError as exc:
         log.warning("could not share Label Studio's address with the worker: %s", exc)
+    # connecting (or Label Studio's next call) switches the label stream on and prepares clusters: in the worker
+    stream_after_event(state().redis, state().settings, project, cooldown=SETUP_COOLDOWN)
     return jsonify(model_version=state().predictor.version(project, control))
 
 
@@ -125,6 +128,8 @@ def webhook():
     if not isinstance(action, str) or not action:
         raise BadRequest("webhook payload has no 'action'")
     metrics.count_webhook(action)
+    if action in STREAM_EVENTS:
+        return _stream_event(action, body)
     if action != "START_TRAINING" and action not in ANNOTATION_EVENTS:
         return jsonify(status="ignored", action=action)
     annotation = body.get("annotation") if isinstance(body.get("annotation"), dict) else {}
@@ -141,6 +146,16 @@ def webhook():
     except redis.RedisError as exc:
         raise ServiceUnavailable(f"cannot queue training, Redis is unavailable ({exc}). Nothing is lost: the worker "
                                  "re-reads Label Studio at its next sync and on startup.") from None
+    return jsonify(status="ok", action=action, project=project, queued=queued is not None)
+
+
+STREAM_EVENTS = ("TASKS_CREATED",)
+
+
+def _stream_event(action: str, body: dict):
+    """Imported tasks: embed, cluster and (before the first version) pre-score them for the label stream."""
+    project = project_id(body.get("project"))
+    queued = stream_after_event(state().redis, state().settings, project)
     return jsonify(status="ok", action=action, project=project, queued=queued is not None)
 
 
@@ -265,8 +280,12 @@ def job(job_id):
 @bp.get("/status")
 def status():
     """Per project: state, active version, labeled/trained images, the session (running or last), live quality, last error."""
+    connection, settings = state().redis, state().settings
     try:
-        projects = {p: ProjectState(state().redis, p).status() for p in known_projects(state().redis)}
+        projects = {p: ProjectState(connection, p).status() for p in known_projects(connection)}
+        for p, status in projects.items():  # the label stream: how far behind the active version it is, now
+            if (report := stream_report(settings, connection, p, status)) is not None:
+                status["stream"] = report
     except redis.RedisError as exc:
         raise ServiceUnavailable(f"Redis is unavailable ({exc})") from None
     return jsonify(projects=projects)

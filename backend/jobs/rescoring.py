@@ -43,11 +43,14 @@ from backend.jobs import counters
 from backend.jobs.connection import connect
 from backend.jobs.queue import rescore_queue
 from backend.jobs.state import ProjectState, ls_credentials, version_number
+from backend.jobs.stream import ClusterLookup, status_after_rescore
+from backend.jobs.stream_state import StreamState
 from backend.labelstudio.client import LabelStudioClient, LabelStudioError, LabelStudioUnavailable
 from backend.labelstudio.images import ImageFetcher
 from backend.labelstudio.label_config import parse_label_config
 from backend.model_store.models import model_from_version, pick_device, version_task
 from backend.model_store.stores import version_store
+from backend.model_store.versions import TYPICAL_VERSION
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -133,11 +136,12 @@ def enqueue_complete(connection: redis.Redis, project: str, options: dict) -> st
 
 # -- choosing tasks -------------------------------------------------------------------------------
 def is_livetrain_version(model_version: str | None, prefix: str) -> bool:
-    """Whether a prediction's version is one of this project's livetrain versions (``<prefix>-v<N>``) or
-    the cold-start ``livetrain-base``: only those are ever deleted as "older versions"."""
+    """Whether a prediction's version is one of this project's livetrain versions (``<prefix>-v<N>``), the
+    cold-start ``livetrain-base`` or the stream's ``livetrain-typical``: only those are ever deleted as "older
+    versions"."""
     if not model_version:
         return False
-    return model_version == BASE_VERSION or re.fullmatch(re.escape(prefix) + r"-v\d+", model_version) is not None
+    return model_version in (BASE_VERSION, TYPICAL_VERSION) or re.fullmatch(re.escape(prefix) + r"-v\d+", model_version) is not None
 
 
 def version_prefix(version: str) -> str:
@@ -184,6 +188,7 @@ class Run:
     failed: int = 0
     moved: bool = False
     started: float = field(default_factory=time.time)
+    writes: dict = field(default_factory=dict)  # task id -> the prediction written (score, cluster, version)
 
     def report(self, state: str, **extra) -> dict:
         report = {"state": state, "version": self.version, "done": self.done, "total": self.total,
@@ -204,10 +209,12 @@ def score_and_write(run: Run, client: LabelStudioClient, predictor: Predictor, l
                     tasks: list[dict], batch: int, *, threshold=None, max_detections=None,
                     delete: Callable[[dict], bool] = lambda p: False,
                     stop: Callable[[], str | None] = lambda: None,
-                    may_move: Callable[[], bool] | None = None) -> str | None:
-    """Score ``tasks`` in batches, write one prediction per task, delete the tasks' predictions for which
-    ``delete`` holds, move the project's model_version after the first write. Returns why it stopped early
-    (``stop()``'s answer, checked between batches) or None when it went through every task."""
+                    may_move: Callable[[], bool] | None = None,
+                    clusters: Callable[[list[dict]], dict[int, int]] | None = None) -> str | None:
+    """Score ``tasks`` in batches, write one prediction per task (with its ``cluster`` from ``clusters``, for
+    Label Studio's diverse uncertainty sampling), delete the tasks' predictions for which ``delete`` holds, move
+    the project's model_version after the first write. Returns why it stopped early (``stop()``'s answer,
+    checked between batches) or None when it went through every task."""
     run.total = len(tasks)
     run.report("running")
     for start in range(0, len(tasks), batch):
@@ -216,14 +223,16 @@ def score_and_write(run: Run, client: LabelStudioClient, predictor: Predictor, l
         chunk = tasks[start:start + batch]
         predictions = predictor.predict_with(loaded, chunk, control, threshold=threshold,
                                              max_detections=max_detections)
+        found = clusters([t for t, p in zip(chunk, predictions) if p["score"] is not None]) if clusters else {}
         writes = []
         for task, prediction in zip(chunk, predictions):
             if prediction["score"] is None:  # the image failed (logged): no prediction rather than a null score
                 run.failed += 1
                 continue
             writes.append({"task": task["id"], "result": prediction["result"], "score": prediction["score"],
-                           "model_version": loaded.version})
+                           "model_version": loaded.version, "cluster": found.get(task["id"])})
         run.written += _write(client, run.project, writes)
+        run.writes.update({w["task"]: {k: w[k] for k in ("score", "cluster", "model_version")} for w in writes})
         if writes and not run.moved:
             if not (may_move() if may_move else stop() != "superseded"):  # a newer version's job moved it already
                 return "superseded"
@@ -315,15 +324,18 @@ def rescore_project(project: str, attempt: int = 0) -> dict:
         delete_old = settings.old_predictions == "delete"
         unlabeled = list(client.iter_unlabeled_tasks(project))
         tasks = plan_rescore(unlabeled, version, settings.rescore_limit)
+        stream = StreamState(connection, project)
         reason = score_and_write(run, client, predictor, loaded, control, tasks, settings.rescore_batch,
                                  delete=lambda p: delete_old and p.get("model_version") != version
                                  and is_livetrain_version(p.get("model_version"), prefix),
-                                 stop=stop, may_move=may_move)
+                                 stop=stop, may_move=may_move,
+                                 clusters=ClusterLookup(stream, predictor.fetcher, control.value_key))
         # Nothing needed scoring: the project must still point here. Label Studio refuses a model_version that
         # none of its predictions carries (400 "Model version doesn't exist..."), e.g. when every task is labeled.
         if (reason is None and not run.moved and any(has_version(t, version) for t in unlabeled)
                 and may_move()):
             client.set_model_version(project, version)
+        status_after_rescore(settings, state, stream, client, project, unlabeled, run.writes)
     except LabelStudioUnavailable as exc:
         return _retry_or_fail(run, exc, attempt, lambda delay: enqueue_rescore(connection, project, attempt + 1, delay))
     except Exception as exc:
@@ -360,7 +372,8 @@ def complete_tasks(project: str, options: dict, attempt: int = 0) -> dict:
             tasks = [t for t in tasks if not has_version(t, version)]
         score_and_write(run, client, predictor, loaded, control, tasks, settings.rescore_batch,
                         threshold=options["min_score"], max_detections=options["max_detections"],
-                        delete=lambda p: options["remove_existing"])  # after the write: a failed image keeps its old one
+                        delete=lambda p: options["remove_existing"],
+                        clusters=ClusterLookup(StreamState(connection, project), predictor.fetcher, control.value_key))  # after the write: a failed image keeps its old one
         if not run.moved:
             client.set_model_version(project, version)
     except LabelStudioUnavailable as exc:

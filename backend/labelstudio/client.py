@@ -171,12 +171,45 @@ class LabelStudioClient:
                                  lambda sdk: sdk.projects.update(id=pid, model_version=model_version))
         return self._project_dict(project)
 
+    SAMPLING = {"uncertainty": "Uncertainty sampling", "sequential": "Sequential sampling",
+                "random": "Uniform sampling"}
+
+    def set_sampling(self, project_id: int | str, mode: str) -> dict:
+        """``PATCH /api/projects/{id}/ {"sampling": ...}``: ``mode`` is uncertainty, sequential or random. Label
+        Studio Community's settings page greys "Uncertainty sampling" out, but its server takes and honours it."""
+        if mode not in self.SAMPLING:
+            raise BadRequest(f"sampling must be one of {', '.join(self.SAMPLING)}, not {mode!r}")
+        pid = project_pk(project_id)
+        project = self._sdk_call(f"/api/projects/{pid}/",
+                                 lambda sdk: sdk.projects.update(id=pid, sampling=self.SAMPLING[mode]))
+        return self._project_dict(project)
+
     def create_predictions(self, project_id: int | str, predictions: list[dict]) -> int:
-        """Write ``predictions`` (``task``, ``result``, ``score``, ``model_version``) in one request; returns
-        how many Label Studio created. Not retried by the SDK: a POST that timed out may have been applied,
-        and a blind retry would write duplicates (the re-scoring job re-reads the tasks instead)."""
+        """Write ``predictions`` (``task``, ``result``, ``score``, ``model_version``, optional ``cluster``);
+        returns how many Label Studio created. Not retried by the SDK: a POST that timed out may have been
+        applied, and a blind retry would write duplicates (the re-scoring job re-reads the tasks instead).
+
+        Label Studio 1.23.2's bulk import (``/api/projects/{id}/import/predictions``, one request) stores only
+        ``result``, ``score`` and ``model_version``: it drops ``cluster``. Predictions with a cluster therefore
+        go one by one through ``POST /api/predictions/``, which stores every field."""
         if not predictions:
             return 0
+        if any(p.get("cluster") is not None for p in predictions):
+            created = 0
+            for p in predictions:
+                fields = {k: p[k] for k in ("score", "model_version", "cluster") if p.get(k) is not None}
+                try:
+                    self._sdk_call("/api/predictions/", lambda sdk: sdk.predictions.create(
+                        task=int(p["task"]), result=p["result"], **fields, request_options={"max_retries": 0}))
+                except LabelStudioUnavailable:
+                    raise
+                except LabelStudioError:
+                    if self.tasks_by_id(project_id, [int(p["task"])]):
+                        raise  # the task is there: a real error
+                    log.info("task %s was deleted meanwhile: no prediction written", p["task"])
+                    continue
+                created += 1
+            return created
         from label_studio_sdk import PredictionRequest
 
         pid = project_pk(project_id)

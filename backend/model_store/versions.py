@@ -34,6 +34,8 @@ from backend.errors import BadRequest
 log = logging.getLogger(__name__)
 
 BASE_VERSION = "livetrain-base"  # the starting weights, before the first version is published
+# the label stream's cold-start predictions (empty result, typical-first score, cluster) before the first version
+TYPICAL_VERSION = "livetrain-typical"
 # A plain file name: no "/" or leading dot, so a name from a request (rollback, export) cannot leave versions/.
 _NAME = re.compile(r"^(?P<prefix>[A-Za-z0-9][A-Za-z0-9_.-]*)-v(?P<n>\d+)$")
 

@@ -128,6 +128,18 @@
       return div;
     }));
     for (const key of ["quality", "loss", "map"]) renderChart(card, key, p.charts[key]);
+    const stream = card.querySelector('[data-role="stream"]');
+    stream.hidden = !p.stream;
+    if (p.stream) {
+      renderFacts(card.querySelector('[data-role="stream-facts"]'), p.stream.facts);
+      for (const [role, rows] of [["stream-next", p.stream.next], ["stream-clusters", p.stream.clusters]]) {
+        card.querySelector(`[data-role="${role}"]`).replaceChildren(...rows.map((r) => {
+          const tr = el("tr");
+          tr.append(...r.map((c) => el("td", {}, c)));
+          return tr;
+        }));
+      }
+    }
     renderVersions(card.querySelector('[data-role="versions"]'), p.versions, columns);
     card.querySelector('[data-role="errors-box"]').hidden = !p.errors.length;
     card.querySelector('[data-role="errors"]').replaceChildren(...p.errors.map((e) => {

@@ -1,0 +1,157 @@
+"""A project's label-stream state in Redis: task embeddings, the cluster centroids, each task's cluster.
+
+Shared by the stream job (``backend.jobs.stream``: embeds tasks, writes the typical-first predictions), the
+re-scoring job (attaches each task's ``cluster`` to its prediction) and the status page. How clusters stay
+stable across versions is in ``backend.inference.clusters``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import redis
+
+from backend.inference.clusters import assign, grow, target_clusters
+from backend.inference.embeddings import from_bytes, to_bytes
+from backend.jobs.state import PREFIX, ProjectState, version_number
+
+
+class StreamState:
+    def __init__(self, connection: redis.Redis, project: str):
+        self.r = connection
+        self.project = str(project)
+        key = f"{PREFIX}:project:{self.project}:stream"
+        self.embeddings_key = f"{key}:embeddings"  # task id -> float16 bytes
+        self.assign_key = f"{key}:clusters"  # task id -> cluster id
+        self.centroids_key = f"{key}:centroids"  # JSON {"dim", "k"} + the float16 bytes in ...:centroids:data
+        self.switched_key = f"{key}:switched"  # set once livetrain has set the project's sampling (LABEL_STREAM)
+        self.pending_key = f"{key}:pending"  # a stream job is queued (coalesces /setup and TASKS_CREATED calls)
+        self.recent_key = f"{key}:recent"  # /setup queued one lately (SETUP_COOLDOWN)
+
+    # -- embeddings -------------------------------------------------------------------------------
+    def embedded(self) -> set[int]:
+        return {int(t) for t in self.r.hkeys(self.embeddings_key)}
+
+    def add_embeddings(self, vectors: dict[int, np.ndarray]) -> None:
+        if vectors:
+            self.r.hset(self.embeddings_key, mapping={str(t): to_bytes(v) for t, v in vectors.items()})
+
+    def embeddings(self) -> tuple[list[int], np.ndarray]:
+        raw = self.r.hgetall(self.embeddings_key)
+        ids = sorted(int(t) for t in raw)
+        if not ids:
+            return [], np.zeros((0, 0), np.float32)
+        return ids, np.stack([from_bytes(raw[str(t).encode()]) for t in ids])
+
+    def forget(self, task_ids) -> None:
+        """Tasks deleted in Label Studio: out of the clusters' counts (centroids stay)."""
+        ids = [str(int(t)) for t in task_ids]
+        if ids:
+            self.r.hdel(self.embeddings_key, *ids)
+            self.r.hdel(self.assign_key, *ids)
+
+    # -- clusters ---------------------------------------------------------------------------------
+    def centroids(self) -> np.ndarray | None:
+        meta, data = self.r.get(self.centroids_key), self.r.get(self.centroids_key + ":data")
+        if not meta or not data:
+            return None
+        shape = json.loads(meta)
+        return np.frombuffer(data, dtype=np.float16).astype(np.float32).reshape(shape["k"], shape["dim"])
+
+    def clusters(self, task_ids=None) -> dict[int, int]:
+        """task id -> cluster, for ``task_ids`` (default: every clustered task)."""
+        if task_ids is None:
+            return {int(t): int(c) for t, c in self.r.hgetall(self.assign_key).items()}
+        ids = [int(t) for t in task_ids]
+        if not ids:
+            return {}
+        values = self.r.hmget(self.assign_key, [str(t) for t in ids])
+        return {t: int(c) for t, c in zip(ids, values) if c is not None}
+
+    def update_clusters(self, seed: int = 0) -> dict:
+        """Give every embedded task a cluster: new centroids when the pool has grown enough for more (the old
+        ones never move), otherwise only the tasks without one join their nearest centroid. Returns a summary."""
+        ids, x = self.embeddings()
+        if not ids:
+            return {"embedded": 0, "clusters": 0, "grown": False}
+        old = self.centroids()
+        if old is not None and old.shape[1] != x.shape[1]:
+            old = None  # another embedding (a changed EMBED_DIM): start over
+        k = target_clusters(len(ids))
+        grown = old is None or k > len(old)
+        if grown:
+            centroids = grow(x, old, k, seed=seed)
+            pipe = self.r.pipeline()
+            pipe.set(self.centroids_key, json.dumps({"k": int(len(centroids)), "dim": int(centroids.shape[1])}))
+            pipe.set(self.centroids_key + ":data", centroids.astype(np.float16).tobytes())
+            pipe.execute()
+            todo = list(range(len(ids)))  # new clusters may be nearer: every task looks again
+        else:
+            centroids = old
+            have = self.clusters(ids)
+            todo = [i for i, t in enumerate(ids) if t not in have]
+        if todo:
+            labels = assign(x[todo], centroids)
+            self.r.hset(self.assign_key, mapping={str(ids[i]): int(c) for i, c in zip(todo, labels)})
+        return {"embedded": len(ids), "clusters": int(len(centroids)), "grown": bool(grown and old is not None)}
+
+    def assign_new(self, vectors: dict[int, np.ndarray]) -> dict[int, int]:
+        """Store embeddings of tasks seen outside the stream job (e.g. by re-scoring) and give each the nearest
+        existing cluster (the stream job grows the clusters when enough have come); returns their clusters."""
+        self.add_embeddings(vectors)
+        centroids = self.centroids()
+        if centroids is None or not vectors:
+            self.update_clusters()
+            return self.clusters(list(vectors))
+        ids = list(vectors)
+        labels = assign(np.stack([vectors[t] for t in ids]), centroids)
+        mapping = {t: int(c) for t, c in zip(ids, labels)}
+        self.r.hset(self.assign_key, mapping={str(t): c for t, c in mapping.items()})
+        return mapping
+
+    # -- the sampling switch ----------------------------------------------------------------------
+    def mark_switched(self, record: dict, by_hand: bool = False) -> bool:
+        """Remember that this project's sampling was set: by LABEL_STREAM once (False if it already was), or by
+        hand (always recorded; LABEL_STREAM never switches such a project again)."""
+        return bool(self.r.set(self.switched_key, json.dumps(record), nx=not by_hand))
+
+    def switched(self) -> dict | None:
+        raw = self.r.get(self.switched_key)
+        return json.loads(raw) if raw else None
+
+
+def cluster_summary(clusters: dict[int, int], labeled: set[int]) -> list[dict]:
+    """Per cluster: how many tasks, how many of them labeled; largest first."""
+    size, done = Counter(clusters.values()), Counter(c for t, c in clusters.items() if t in labeled)
+    return [{"cluster": c, "tasks": n, "labeled": done.get(c, 0)} for c, n in sorted(size.items(),
+                                                                                       key=lambda kv: (-kv[1], kv[0]))]
+
+
+def next_tasks(candidates: list[dict], covered: Counter, limit: int = 5) -> list[dict]:
+    """The tasks Label Studio's uncertainty sampling serves next, in order, for one annotator who labeled the
+    ``covered`` counts per cluster: least-covered cluster first, then lowest score. ``candidates``: ``{"task",
+    "score", "cluster", "model_version"}`` of the unlabeled tasks' predictions of the project's model_version."""
+    covered = Counter(covered)
+    left = [c for c in candidates if isinstance(c.get("score"), (int, float))]
+    out = []
+    while left and len(out) < limit:
+        best = min(left, key=lambda c: (covered.get(c.get("cluster"), 0), c["score"], c["task"]))
+        out.append(best)
+        left.remove(best)
+        covered[best.get("cluster")] += 1
+    return out
+
+
+def stream_lag(connection: redis.Redis, project: str, active: str | None, published_at: float | None,
+               now: float) -> dict:
+    """How far Label Studio's label stream (the version re-scoring moved its model_version to) is behind the
+    active version: in versions, and in seconds since the active version was published."""
+    raw = connection.get(ProjectState(connection, project).moved_version_key)
+    moved = int(raw) if raw is not None else None
+    if active is None:
+        return {"versions": 0, "seconds": 0.0, "stream_version": moved}
+    behind = max(0, version_number(active) - (moved or 0)) if moved is not None else version_number(active)
+    seconds = round(max(0.0, now - published_at), 1) if behind and published_at else 0.0
+    return {"versions": behind, "seconds": seconds, "stream_version": moved}
