@@ -134,11 +134,15 @@ def test_connect_with_basic_auth(ls, livetrain, project):
     assert any(h["url"].rstrip("/").endswith("/webhook") for h in hooks)
 
 
-def test_cold_start_prediction_is_stored(ls, project):
+def test_cold_start_prediction_is_stored(ls, livetrain, project):
+    """Before any version a task carries the label stream's typical-first prediction: no regions (no pretrained
+    head for these labels), a score and a cluster."""
+    wait_until(lambda: (status(livetrain, project).get("stream_job") or {}).get("state") == "done",
+               timeout=ROUND_TIMEOUT, interval=1.0, what="the label stream job after connecting")
     task = ls.open_task(project["tasks"][-1]["id"])  # the labeling UI opening a task
-    ours = [p for p in task["predictions"] if p["model_version"] == "livetrain-base"]
-    assert ours, task["predictions"]
-    assert ours[0]["result"] == []  # no version yet and no pretrained head for these labels: nothing shown
+    ours = [p for p in task["predictions"] if p["model_version"] == "livetrain-typical"]
+    assert len(ours) == 1, task["predictions"]
+    assert ours[0]["result"] == [] and isinstance(ours[0]["cluster"], int) and isinstance(ours[0]["score"], float)
 
 
 def test_submits_train_a_version_that_serves_predictions(ls, livetrain, project):
@@ -222,10 +226,9 @@ def test_unlabeled_tasks_rescored_and_served_lowest_score_first(ls, livetrain, p
         assert len(ours) == 1 and isinstance(ours[0]["score"], float), task["predictions"]
         assert task["predictions_score"] == pytest.approx(ours[0]["score"])
         assert not [p for p in task["predictions"] if p["model_version"] != version]  # older versions cleaned up
-    lowest = min(t["predictions_score"] for t in unlabeled)
+    allowed, keys = expected_next(ls, project["id"], version)  # least-covered cluster, then lowest score
     served = ls.next_task(project["id"])
-    assert served["id"] in {t["id"] for t in unlabeled if t["predictions_score"] == lowest}, \
-        (served["id"], {t["id"]: t["predictions_score"] for t in unlabeled})
+    assert served["id"] in allowed, (served["id"], allowed, keys)
 
 @pytest.mark.parametrize("via", ["label-studio", "backend"])
 def test_simulator_replays_a_coco_dataset(ls, livetrain, tmp_path, via):
@@ -402,7 +405,149 @@ def test_mask_predictions_rescored_and_served_lowest_score_first(ls, livetrain, 
     print(f"{mask_project['kind']}: {regions} regions over {len(unlabeled)} unlabeled tasks with {version}",
           sorted(round(s, 3) for s in scores))
     assert regions >= 1, f"{version} predicted no {mask_project['type']} region on any unlabeled task"
-    lowest = min(t["predictions_score"] for t in unlabeled)
+    allowed, keys = expected_next(ls, mask_project["id"], version)  # least-covered cluster, then lowest score
     served = ls.next_task(mask_project["id"])
-    assert served["id"] in {t["id"] for t in unlabeled if t["predictions_score"] == lowest}, \
-        (served["id"], {t["id"]: t["predictions_score"] for t in unlabeled})
+    assert served["id"] in allowed, (served["id"], allowed, keys)
+
+
+# -- the label stream ------------------------------------------------------------------------------------------
+# A project created with Label Studio's default "Sequential sampling": connecting livetrain switches it to
+# uncertainty sampling, /next/ serves typical tasks of uncovered clusters before any version, and after versions
+# the lowest-score task of the least-covered cluster. Images come in three tints, 18 tasks: three clusters.
+
+STREAM_GROUPS = ((230, 50, 50), (50, 70, 230), (60, 200, 60))
+STREAM_SIZES = (7, 6, 5)
+
+
+def tinted_shapes(seed: int, tint) -> tuple[bytes, list]:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    png, objects = shapes_image(seed, count=2)
+    array = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32)
+    out = Image.fromarray((0.45 * array + 0.55 * np.asarray(tint, np.float32)).astype(np.uint8))
+    buf = io.BytesIO()
+    out.save(buf, format="PNG")
+    return buf.getvalue(), objects
+
+
+def expected_next(ls, project_id: int, model_version: str) -> tuple[set[int], dict]:
+    """The tasks Label Studio 1.23.2's uncertainty sampling may serve next (next_task.py, one annotator): among
+    unlabeled tasks with a prediction of the project's model_version, the least-covered cluster (a labeled task
+    counts for the largest cluster among its predictions), then the lowest score. Returns (ids, by id)."""
+    from collections import Counter
+
+    tasks = ls.tasks(project_id)
+    covered = Counter(max((p["cluster"] for p in t["predictions"] if p["cluster"] is not None), default=None)
+                      for t in tasks if t["total_annotations"])
+    keys = {}
+    for t in tasks:
+        if t["total_annotations"]:
+            continue
+        for p in t["predictions"]:
+            if p["model_version"] == model_version:
+                keys[t["id"]] = (covered.get(p["cluster"], 0), p["score"], p["cluster"])
+    best = min(k[:2] for k in keys.values())
+    return {t for t, k in keys.items() if k[:2] == best}, keys
+
+
+@pytest.fixture(scope="module")
+def stream_project(ls, livetrain):
+    created = ls.create_project("e2e stream", CONFIG, sampling="Sequential sampling")
+    shots, seed = [], 500
+    for tint, size in zip(STREAM_GROUPS, STREAM_SIZES):
+        for _ in range(size):
+            shots.append(tinted_shapes(seed, tint))
+            seed += 1
+    tasks = ls.import_images(created["id"], [(f"stream{i}.png", png) for i, (png, _) in enumerate(shots)])
+    by_name = {t["data"]["image"].rsplit("-", 1)[-1]: t for t in tasks}
+    assert ls.project(created["id"])["sampling"] == "Sequential sampling"
+    ml = ls.connect_ml(created["id"], livetrain.url, auth_method="BASIC_AUTH", basic_auth_user=AUTH[0],
+                       basic_auth_pass=AUTH[1])
+    send_webhook_secret(ls, created["id"])
+    ids = [by_name[f"stream{i}.png"]["id"] for i in range(len(shots))]
+    return {"id": created["id"], "ml": ml, "tasks": ids, "objects": {t: o for t, (_, o) in zip(ids, shots)}}
+
+
+def test_connecting_switches_sequential_to_uncertainty_and_serves_typical_tasks_of_uncovered_clusters(
+        ls, livetrain, stream_project):
+    from collections import Counter
+
+    from backend.model_store.versions import TYPICAL_VERSION
+
+    pid = stream_project["id"]
+    wait_until(lambda: (status(livetrain, stream_project).get("stream_job") or {}).get("state") == "done"
+               and ls.project(pid)["model_version"] == TYPICAL_VERSION, timeout=ROUND_TIMEOUT, interval=1.0,
+               what="the label stream job after connecting")
+    assert ls.project(pid)["sampling"] == "Uncertainty sampling"
+    tasks = ls.tasks(pid)
+    clusters = {}
+    for t in tasks:
+        (ours,) = [p for p in t["predictions"] if p["model_version"] == TYPICAL_VERSION]
+        assert ours["result"] == [] and isinstance(ours["cluster"], int) and 0 <= ours["score"] < 1
+        clusters[t["id"]] = ours["cluster"]
+    k = len(set(clusters.values()))
+    assert k == 3  # 18 tasks: round(sqrt(18 / 2)) clusters
+    sizes = Counter(clusters.values())
+    served_clusters = []
+    for _ in range(k):
+        if ls.project(pid)["model_version"] != TYPICAL_VERSION:
+            break  # a first version took over (MIN_ANNOTATIONS labels): its own order is tested below
+        allowed, keys = expected_next(ls, pid, TYPICAL_VERSION)
+        served = ls.next_task(pid)
+        assert served["id"] in allowed, (served["id"], allowed, keys)
+        served_clusters.append(clusters[served["id"]])
+        ls.annotate(served["id"], rectangles(stream_project["objects"][served["id"]]), lead_time=1.0)
+    assert len(served_clusters) >= 2 and len(set(served_clusters)) == len(served_clusters), served_clusters
+    # the first served task is the most typical image of a largest cluster
+    assert sizes[served_clusters[0]] == max(sizes.values()), (served_clusters, sizes)
+
+
+def test_after_versions_next_serves_the_lowest_score_of_the_least_covered_cluster(ls, livetrain, stream_project):
+    pid = stream_project["id"]
+    labeled = [t["id"] for t in ls.tasks(pid) if t["total_annotations"]]
+    for tid in [t for t in stream_project["tasks"] if t not in labeled][:3 - len(labeled)]:
+        ls.annotate(tid, rectangles(stream_project["objects"][tid]), lead_time=1.0)
+    version = wait_until(lambda: idle_with(livetrain, stream_project, lambda v: v["images"] >= 3),
+                         timeout=ROUND_TIMEOUT, interval=1.0, what="a version of the stream project")["name"]
+
+    def rescored():
+        s = status(livetrain, stream_project).get("rescore") or {}
+        assert s.get("state") != "error", s
+        return s.get("state") == "done" and s.get("version") == version and ls.project(pid)["model_version"] == version
+    wait_until(rescored, timeout=ROUND_TIMEOUT, interval=1.0, what=f"re-scoring with {version}")
+    unlabeled = [t for t in ls.tasks(pid) if not t["total_annotations"]]
+    assert all(isinstance(p["cluster"], int) for t in unlabeled for p in t["predictions"])
+    for _ in range(2):  # label what is served, and the next pick follows the new coverage
+        allowed, keys = expected_next(ls, pid, version)
+        served = ls.next_task(pid)
+        assert served["id"] in allowed, (served["id"], allowed, keys)
+        ls.annotate(served["id"], rectangles(stream_project["objects"][served["id"]]), lead_time=1.0)
+        if ls.project(pid)["model_version"] != version:
+            break
+    stream = status(livetrain, stream_project)["stream"]
+    assert stream["sampling"] == "Uncertainty sampling" and stream["clusters"] == 3
+    assert stream["next"] and stream["behind"]["versions"] >= 0
+
+
+def test_label_stream_keep_leaves_the_sampling_alone(ls, label_studio, tmp_path_factory):
+    _, credentials = label_studio
+    env = {"LABEL_STUDIO_URL": credentials.url, "LABEL_STUDIO_API_KEY": credentials.pat, "LABEL_STREAM": "keep",
+           "MIN_SIZE": 128}
+    server = LivetrainServer(tmp_path_factory.mktemp("models-keep"), env=env, cwd=ROOT)
+    try:
+        server.wait_ready(timeout=240)
+        created = ls.create_project("e2e keep", CONFIG, sampling="Sequential sampling")
+        ls.import_images(created["id"], [(f"keep{i}.png", shapes_image(700 + i)[0]) for i in range(4)])
+        ls.connect_ml(created["id"], server.url)
+
+        def done():
+            reply = requests.get(server.url + "/status", timeout=10).json()["projects"].get(str(created["id"]), {})
+            return (reply.get("stream_job") or {}).get("state") == "done" and reply
+        report = wait_until(done, timeout=ROUND_TIMEOUT, interval=1.0, what="the label stream job (keep)")
+        assert ls.project(created["id"])["sampling"] == "Sequential sampling"
+        assert report["stream"]["label_stream"] == "keep" and report["stream"]["sampling"] == "Sequential sampling"
+    finally:
+        server.stop()
