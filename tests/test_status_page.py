@@ -263,3 +263,42 @@ def test_screenshot_script(trained, serve, tmp_path):
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_page_shows_the_label_stream(trained, serve, browser):
+    """The label stream block: sampling mode, clusters, the next tasks Label Studio serves, how far behind the
+    active version the stream's scores are; refreshed by the page like the rest."""
+    settings, names = trained
+    state = ProjectState(connect(settings), PROJECT)
+    stream = {"label_stream": "uncertainty", "sampling": "Uncertainty sampling", "model_version": names[0],
+              "switched": {"from": "Sequential sampling", "to": "Uncertainty sampling", "at": time.time()},
+              "clusters": 2, "embedded": 9, "updated_at": time.time(),
+              "per_cluster": [{"cluster": 0, "tasks": 5, "labeled": 2}, {"cluster": 1, "tasks": 4, "labeled": 0}],
+              "next": [{"task": 31, "score": 0.1234, "cluster": 1}, {"task": 35, "score": 0.2, "cluster": 0}]}
+    state.set_status(stream=stream)
+    state.r.set(state.moved_version_key, 0)  # the stream's scores are of no trained version yet
+    try:
+        page = open_page(browser, serve())
+        card = page.locator(f'section.project[data-project="{PROJECT}"]')
+        assert card.locator('[data-role="stream"]').is_visible()
+        assert card.locator('dd[data-key="stream_sampling"]').text_content() == \
+            "Uncertainty sampling (set by livetrain; was Sequential sampling)"
+        assert card.locator('dd[data-key="stream_covered"]').text_content() == "1"
+        behind = card.locator('dd[data-key="stream_behind"]').text_content()
+        assert behind.startswith(f"{int(names[-1].rsplit('-v', 1)[1])} version(s)"), behind
+        rows = card.locator("tbody[data-role=stream-next] tr")
+        assert [rows.nth(i).locator("td").all_text_contents() for i in range(rows.count())] == \
+            [["31", "0.1234", "1"], ["35", "0.2000", "0"]]
+        assert card.locator("tbody[data-role=stream-clusters] tr").count() == 2
+        # re-scoring caught up: the page follows by itself
+        state.set_status(state="training", stream=dict(stream, next=[{"task": 40, "score": 0.05, "cluster": 1}]))
+        state.r.set(state.moved_version_key, int(names[-1].rsplit("-v", 1)[1]))
+        page.wait_for_function("document.querySelectorAll('tbody[data-role=stream-next] tr').length === 1",
+                               timeout=15000)
+        assert card.locator('dd[data-key="stream_behind"]').text_content() == "up to date"
+        assert page.problems == []
+        page.context.close()
+    finally:
+        state.r.hdel(state.status_key, "stream")
+        state.r.delete(state.moved_version_key)
+        state.set_status(state="idle")
