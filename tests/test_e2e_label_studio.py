@@ -230,15 +230,17 @@ def test_unlabeled_tasks_rescored_and_served_lowest_score_first(ls, livetrain, p
     served = ls.next_task(project["id"])
     assert served["id"] in allowed, (served["id"], allowed, keys)
 
-@pytest.mark.parametrize("via", ["label-studio", "backend"])
-def test_simulator_replays_a_coco_dataset(ls, livetrain, tmp_path, via):
+@pytest.mark.parametrize("via,order", [("label-studio", "sequential"), ("backend", "sequential"),
+                                       ("label-studio", "next")])
+def test_simulator_replays_a_coco_dataset(ls, livetrain, tmp_path, via, order):
     import json
 
     from backend.simulation.session import Simulation, SimulationConfig
 
     images, annotations = [], []
     (tmp_path / "images").mkdir()
-    for i in range(3):
+    pool = 5 if order == "next" else 3  # next: Label Studio's /next/ picks 3 of 5
+    for i in range(pool):
         png, objects = shapes_image(100 + i, count=2)
         (tmp_path / "images" / f"s{i}.png").write_bytes(png)
         images.append({"id": i + 1, "file_name": f"images/s{i}.png", "width": 160, "height": 120, "split": "train"})
@@ -248,15 +250,20 @@ def test_simulator_replays_a_coco_dataset(ls, livetrain, tmp_path, via):
     (tmp_path / "annotations.json").write_text(json.dumps({"images": images, "annotations": annotations,
                                                            "categories": categories}))
     config = SimulationConfig(data=tmp_path, images=3, via=via, pace=0.0, title=f"simulation via {via}",
-                              session_timeout=0)  # the end-of-session wait is unit-tested; keep CI lean
+                              session_timeout=0, order=order, pool=pool)  # the end-of-session wait is unit-tested
     summary = Simulation(config, ls, livetrain.url, tmp_path / "out", ml_auth=AUTH).run()
     records = [json.loads(line) for line in (tmp_path / "out" / "simulation.jsonl").read_text().splitlines()]
     assert [r["n"] for r in records] == [1, 2, 3]
     assert all(0.0 <= r["quality"] <= 1.0 and r["model_version"] for r in records)
-    assert summary["images"] == 3 and (tmp_path / "out" / "quality.png").stat().st_size > 0
-    # the ground truth went into Label Studio as annotations
+    assert summary["images"] == 3 and summary["pool"] == pool and (tmp_path / "out" / "quality.png").stat().st_size > 0
+    assert len({r["task"] for r in records}) == 3
+    if order == "next":  # each pick says which version's scores ordered it and how stale they were
+        assert all("versions_behind" in r and "stream_version" in r for r in records)
+        assert "picks_by_stream" in summary
+    # the ground truth went into Label Studio as annotations: the picked tasks, no others
     tasks = ls.tasks(summary["project"])
-    assert all(t["total_annotations"] == 1 for t in tasks)
+    assert sorted(t["id"] for t in tasks if t["total_annotations"] == 1) == sorted(r["task"] for r in records)
+    assert sum(t["total_annotations"] for t in tasks) == 3
 
 
 # -- Mask R-CNN projects: PolygonLabels and BrushLabels ---------------------------------------------------

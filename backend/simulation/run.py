@@ -27,6 +27,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="boxes: RectangleLabels project, rectangle ground truth, box-IoU quality (default); "
                         "polygons: PolygonLabels project (Mask R-CNN), the COCO polygon segmentations as ground "
                         "truth (one polygon per part), mask-IoU quality")
+    p.add_argument("--order", choices=("sequential", "next"), default="sequential",
+                   help="sequential: label the images in dataset order (default); next: label what Label Studio's "
+                        "GET /api/projects/<id>/next/ serves (the label stream), recording per pick how many "
+                        "versions and seconds its prediction was behind the active version")
+    p.add_argument("--pool", type=int, default=0,
+                   help="import this many images as tasks (at least --images); --images of them are labeled")
     p.add_argument("--via", choices=("label-studio", "backend"), default="label-studio",
                    help="where the pre-label comes from: Label Studio (task opened) or our POST /predict")
     p.add_argument("--pace", type=pace, default=10.0, help="seconds per image, or 'wait' for each round to finish")
@@ -100,6 +106,7 @@ def simulate(args: argparse.Namespace) -> int:
             model = (health.get("mask_model") or {}) if args.kind == "polygons" else health
             log.info("livetrain %s started (%s, %s)", ml_url, model.get("model_class"), model.get("weights_source"))
         config = SimulationConfig(data=args.data, images=args.images, split=args.split, via=args.via, kind=args.kind,
+                                  order=args.order, pool=args.pool,
                                   pace=args.pace, title=args.title, session_timeout=args.session_timeout,
                                   compare_with=args.compare_with, compare_label=args.compare_label)
         ml_auth = (args.ml_user, args.ml_password) if args.ml_user and args.ml_password else None

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import requests
 
+from backend.jobs.state import version_number
 from backend.labelstudio.annotations import box_to_pixels
 from backend.labelstudio.convert import box_to_region, region_id
 from backend.labelstudio.label_config import parse_label_config
@@ -68,6 +69,8 @@ class SimulationConfig:
     session_timeout: float = 900.0  # after the last image: how long the training session may take to end (0: no wait)
     compare_with: Path | None = None  # a previous run's simulation.jsonl, drawn dashed in the plot
     compare_label: str = "before"
+    order: str = "sequential"  # or "next": label what Label Studio's /next/ serves (the label stream)
+    pool: int = 0  # tasks imported (at least ``images``); 0 = ``images``
 
 
 def label_config(classes: list[str], kind: str = "boxes") -> str:
@@ -183,26 +186,31 @@ class Simulation:
 
     def setup(self) -> None:
         classes, images = load_coco(self.config.data)
-        chosen = [im for im in images if not self.config.split or im.split == self.config.split][: self.config.images]
+        size = max(self.config.images, self.config.pool)
+        chosen = [im for im in images if not self.config.split or im.split == self.config.split][:size]
+        if self.config.order not in ("sequential", "next"):
+            raise ValueError(f"order must be sequential or next, got {self.config.order!r}")
         if not chosen:
             raise ValueError(f"no images of split {self.config.split!r} in {self.config.data}")
         if self.config.kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.config.kind!r}")
         if self.config.kind == "polygons" and not any(im.has_polygons for im in chosen):
             raise ValueError(f"no polygon segmentations in {self.config.data}: simulate it with kind 'boxes'")
-        self.classes, self.images = classes, chosen
+        self.classes = classes
         self.project = self.ls.create_project(self.config.title, label_config(classes, self.config.kind))
         tasks = self.ls.import_images(self.project["id"], [(im.path.name, im.path.read_bytes()) for im in chosen])
         by_name = {}
         for task in tasks:
             by_name[str(task["data"]["image"]).rsplit("/", 1)[-1].split("-", 1)[-1]] = task
-        self.tasks = [by_name[im.path.name] for im in chosen]
+        self.pool_tasks = [by_name[im.path.name] for im in chosen]
+        self.image_of = {task["id"]: image for image, task in zip(chosen, self.pool_tasks)}
+        self.images, self.tasks = [], []  # what was labeled, in order (``run`` fills them)
         auth = {}
         if self.ml.auth:  # Label Studio sends Basic auth on its ML calls when the connection says so
             auth = {"auth_method": "BASIC_AUTH", "basic_auth_user": self.ml.auth[0], "basic_auth_pass": self.ml.auth[1]}
         self.ml_backend = self.ls.connect_ml(self.project["id"], self.ml_url, **auth)
         self.ls.update_project(self.project["id"], start_training_on_annotation_update=True)
-        log.info("project %s: %d tasks, ML backend %s connected", self.project["id"], len(self.tasks), self.ml_url)
+        log.info("project %s: %d tasks, ML backend %s connected", self.project["id"], len(self.pool_tasks), self.ml_url)
 
     def prediction(self, task: dict) -> dict | None:
         if self.config.via == "backend":
@@ -255,8 +263,12 @@ class Simulation:
         self.setup()
         records, start = [], time.monotonic()
         with open(self.out_dir / "simulation.jsonl", "w") as out:
-            for n, (image, task) in enumerate(zip(self.images, self.tasks), 1):
+            for n in range(1, self.config.images + 1):
                 began = time.monotonic()
+                task, staleness = self.pick(n)
+                image = self.image_of[task["id"]]
+                self.images.append(image)
+                self.tasks.append(task)
                 prediction = self.prediction(task)
                 latency = time.monotonic() - began
                 result = (prediction or {}).get("result") or []
@@ -266,11 +278,11 @@ class Simulation:
                           "model_version": (prediction or {}).get("model_version"),
                           "task_score": (prediction or {}).get("score"), "regions": len(result),
                           "quality": round(q.score, 4), "counts": asdict(q), "latency_s": round(latency, 3),
-                          "t_s": round(time.monotonic() - start, 2), "prediction": result}
+                          "t_s": round(time.monotonic() - start, 2), **staleness, "prediction": result}
                 records.append(record)
                 out.write(json.dumps(record) + "\n")
                 out.flush()
-                log.info("image %d/%d: quality %.3f (%d regions, version %s, %.2f s)", n, len(self.images), q.score,
+                log.info("image %d/%d: quality %.3f (%d regions, version %s, %.2f s)", n, self.config.images, q.score,
                          len(result), record["model_version"], latency)
                 if self.config.pace is None:
                     self.wait_for_round()
@@ -283,7 +295,8 @@ class Simulation:
             session_end_s = self.wait_for_session_end()
         summary = summarize(records, wall_s)
         summary.update(kind=self.config.kind, via=self.config.via, pace=self.config.pace, images=len(records),
-                       project=self.project["id"], session_end_s=session_end_s)
+                       project=self.project["id"], session_end_s=session_end_s, order=self.config.order,
+                       pool=len(self.pool_tasks), **staleness_summary(records))
         if previous is not None:
             summary["compare_with"] = {"path": str(self.config.compare_with), "label": self.config.compare_label,
                                        **{k: v for k, v in summarize(previous, 0.0).items() if k in COMPARED}}
@@ -293,6 +306,35 @@ class Simulation:
         plot(records, self.out_dir / "quality.png", title=f"{self.config.title} ({overlap}, via {self.config.via})",
              previous=previous, previous_label=self.config.compare_label)
         return summary
+
+    def pick(self, n: int) -> tuple[dict, dict]:
+        """The n-th task to label: the next in dataset order, or what Label Studio's /next/ serves. With
+        ``order="next"`` also how stale the stream was: the project's model_version (the version whose scores
+        ordered the pick), how many versions the active one is ahead of it, and for how many seconds it had been."""
+        if self.config.order == "sequential":
+            return self.pool_tasks[n - 1], {}
+        pid = self.project["id"]
+        stream_version = self.ls.project(pid).get("model_version")
+        served = self.ls.next_task(pid)
+        versions = self.versions()
+        ordered_by = [p for p in served.get("predictions") or () if p.get("model_version") == stream_version]
+        active = next((v for v in versions if v.get("active")), None)
+        behind, seconds = 0, 0.0
+        if active is not None:
+            mine = version_number(stream_version or "")
+            newer = [v for v in versions if version_number(v["name"]) > mine and v.get("published_at")]
+            behind = max(0, version_number(active["name"]) - mine)
+            seconds = round(time.time() - min(v["published_at"] for v in newer), 1) if behind and newer else 0.0
+        return served, {"stream_version": stream_version, "active_version": active["name"] if active else None,
+                        "versions_behind": behind, "seconds_behind": seconds,
+                        "stream_score": ordered_by[0].get("score") if ordered_by else None,
+                        "stream_cluster": ordered_by[0].get("cluster") if ordered_by else None,
+                        "served_by_stream": bool(ordered_by)}
+
+    def versions(self) -> list[dict]:
+        reply = self.ml.get(self.ml_url + "/versions", params={"project": self.project["id"]}, timeout=10)
+        reply.raise_for_status()
+        return reply.json()["details"].get(str(self.project["id"]), [])
 
     def write_summary(self) -> None:
         (self.out_dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
@@ -343,6 +385,22 @@ def summarize(records: list[dict], wall_s: float) -> dict:
         "wall_s": round(wall_s, 1),
         "wall_s_per_image": round(wall_s / len(records), 2) if records else None,
     }
+
+
+def staleness_summary(records: list[dict]) -> dict:
+    """For ``order="next"`` runs: how far behind the active version the picked tasks' predictions were."""
+    picks = [r for r in records if "versions_behind" in r]
+    if not picks:
+        return {}
+    trained = [r for r in picks if r.get("active_version")]  # before the first version nothing can be behind
+    out = {"picks_by_stream": sum(1 for r in picks if r.get("served_by_stream")),
+           "clusters_covered": len({r.get("stream_cluster") for r in picks if r.get("stream_cluster") is not None})}
+    if trained:
+        out.update(median_versions_behind=statistics.median(r["versions_behind"] for r in trained),
+                   max_versions_behind=max(r["versions_behind"] for r in trained),
+                   median_seconds_behind=round(statistics.median(r["seconds_behind"] for r in trained), 1),
+                   max_seconds_behind=max(r["seconds_behind"] for r in trained))
+    return out
 
 
 COMPARED = ("rolling_0.5_at", "rolling_0.7_at", "quality_31_60", "quality_51_100", "quality_all")  # of compare_with
