@@ -25,6 +25,7 @@ import numpy as np
 MAX_CLUSTERS = 64
 KNN = 20  # neighbours in the typicality estimate (TypiClust uses 20)
 LLOYD_ITERATIONS = 25
+RANK_SCALE = 10.0  # typical-first score = rank / (rank + RANK_SCALE): rank 0 -> ~0, rank 10 -> ~0.5
 
 
 def target_clusters(n: int, cap: int = MAX_CLUSTERS) -> int:
@@ -106,7 +107,8 @@ def typical_first_scores(typical: np.ndarray, labels: np.ndarray, candidates: np
     unlabeled ones (the rest only count as coverage, with ``covered``: cluster -> labeled images). An image's
     rank is its typicality rank among its cluster's candidates plus its cluster's labeled count; ties of rank
     go to the larger cluster. Scores lie in [0, 1): Label Studio orders by ``cluster`` coverage and then by
-    them; sorting the Data Manager by score gives the same order.
+    them; sorting the Data Manager by score gives the same order. The mapping from rank to score does not depend
+    on the pool's size, so importing more tasks changes only the scores of tasks whose rank changed.
     """
     covered = covered or {}
     labels = np.asarray(labels)
@@ -124,4 +126,4 @@ def typical_first_scores(typical: np.ndarray, labels: np.ndarray, candidates: np
     cand = np.flatnonzero(candidates)
     tie = np.array([(order_of[int(labels[i])] + 0.5) / len(by_size) for i in cand])
     raw = ranks[cand] + tie
-    return raw / (raw.max() + 1.0)
+    return raw / (raw + RANK_SCALE)

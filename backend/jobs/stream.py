@@ -111,11 +111,12 @@ def switch_sampling(settings: Settings, client: LabelStudioClient, stream: Strea
 
 
 def embed_tasks(stream: StreamState, tasks: list[dict], fetcher: ImageFetcher, value_key: str,
-                progress=lambda done, total: None) -> dict[int, object]:
-    """Embed the ``tasks`` (their images) that have no embedding yet; returns the ones that failed, with why."""
+                progress=lambda done, total: None) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+    """Embed and store the ``tasks`` (their images) that have no embedding yet; returns the new embeddings, and
+    the tasks that failed with why (a broken image: no cluster for it, the others go on)."""
     have = stream.embedded()
     todo = [t for t in tasks if t["id"] not in have]
-    failed = {}
+    failed, made = {}, {}
     for start in range(0, len(todo), EMBED_BATCH):
         vectors = {}
         for task in todo[start:start + EMBED_BATCH]:
@@ -124,11 +125,12 @@ def embed_tasks(stream: StreamState, tasks: list[dict], fetcher: ImageFetcher, v
                 if not isinstance(url, str) or not url:
                     raise LivetrainError(f"task data has no '{value_key}' image URL")
                 vectors[task["id"]] = _EMBEDDER.embed([fetcher.fetch(url)])[0]
-            except LivetrainError as exc:  # a broken image: no cluster for it, the others go on
+            except LivetrainError as exc:
                 failed[task["id"]] = exc.message
         stream.add_embeddings(vectors)
+        made.update(vectors)
         progress(min(start + EMBED_BATCH, len(todo)), len(todo))
-    return failed
+    return made, failed
 
 
 class ClusterLookup:
@@ -142,10 +144,8 @@ class ClusterLookup:
         found = self.stream.clusters([t["id"] for t in tasks])
         missing = [t for t in tasks if t["id"] not in found]
         if missing:
-            before = self.stream.embedded()
-            embed_tasks(self.stream, missing, self.fetcher, self.value_key)
-            new = {t: v for t, v in zip(*self.stream.embeddings()) if t not in before}
-            found.update(self.stream.assign_new(new))
+            made, _ = embed_tasks(self.stream, missing, self.fetcher, self.value_key)
+            found.update(self.stream.assign_new(made))
         return found
 
 
@@ -269,7 +269,7 @@ def prepare_stream(project: str, attempt: int = 0) -> dict:
         fetcher.set_fallback(url, key)
         tasks = list(client.iter_tasks(project, only_labeled=False))
         stream.forget(stream.embedded() - {t["id"] for t in tasks})  # deleted in Label Studio
-        failed = embed_tasks(stream, tasks, fetcher, control.value_key, progress) if settings.stream_prepare else {}
+        failed = embed_tasks(stream, tasks, fetcher, control.value_key, progress)[1] if settings.stream_prepare else {}
         summary = stream.update_clusters()
         written, model_version = 0, info.get("model_version")
         if settings.stream_prepare and version_store(settings, project).active() is None:

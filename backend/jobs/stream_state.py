@@ -98,11 +98,12 @@ class StreamState:
         return {"embedded": len(ids), "clusters": int(len(centroids)), "grown": bool(grown and old is not None)}
 
     def assign_new(self, vectors: dict[int, np.ndarray]) -> dict[int, int]:
-        """Store embeddings of tasks seen outside the stream job (e.g. by re-scoring) and give each the nearest
-        existing cluster (the stream job grows the clusters when enough have come); returns their clusters."""
-        self.add_embeddings(vectors)
+        """Give tasks embedded outside the stream job (e.g. by re-scoring; already stored) the nearest existing
+        cluster (the stream job grows the clusters when enough have come); returns their clusters."""
+        if not vectors:
+            return {}
         centroids = self.centroids()
-        if centroids is None or not vectors:
+        if centroids is None:  # no clusters yet: make them (from every embedding stored)
             self.update_clusters()
             return self.clusters(list(vectors))
         ids = list(vectors)
