@@ -250,6 +250,38 @@ def report(rows: list[dict], budgets: list[int], strategies: list[str], metric: 
     return "\n".join(lines)
 
 
+LABELS = {"random": "random", "uncertainty": "uncertainty (least_confidence)",
+          "clusters": "uncertainty + clusters", "typical": "typical first, then uncertainty + clusters"}
+
+
+def plot(rows: list[dict], budgets: list[int], strategies: list[str], path: str, title: str,
+         metric: str = "map50") -> None:
+    """mAP vs labels per strategy: the mean over seeds with a band of one standard error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seeds = sorted({r["seed"] for r in rows if r["strategy"] == "random" and r["labeled"] == budgets[-1]})
+    seeds = [s for s in seeds if all(any(r["seed"] == s and r["strategy"] == st and r["labeled"] == budgets[-1]
+                                         for r in rows) for st in strategies)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for strategy in strategies:
+        c = curve(rows, strategy, budgets, seeds, metric)
+        mean, se = c.mean(0), (c.std(0, ddof=1) / len(seeds) ** 0.5 if len(seeds) > 1 else 0 * c.mean(0))
+        style = "--" if strategy == "random" else "-"
+        ax.plot(budgets, mean, style, marker="o", label=LABELS.get(strategy, strategy),
+                color="gray" if strategy == "random" else None)
+        ax.fill_between(budgets, mean - se, mean + se, alpha=0.15, color="gray" if strategy == "random" else None)
+    ax.set(xlabel="labeled images", ylabel="test " + ("mAP@0.5" if metric == "map50" else "mAP@[.5:.95]"),
+           title=f"{title} ({len(seeds)} seeds, mean ± SE)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _fmt(value: float) -> str:
     return f"> {BUDGET_MAX}" if not np.isfinite(value) else f"{value:.1f}"
 
@@ -299,14 +331,31 @@ def main() -> None:
     parser.add_argument("--test-limit", type=int, default=0, help="first N test images only (smoke runs)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="bench_active.json")
-    parser.add_argument("--report", default=None, metavar="JSON", help="print the tables of a finished run")
+    parser.add_argument("--report", default=None, metavar="JSON", nargs="+",
+                        help="print the tables of finished runs (several files: their seeds together)")
+    parser.add_argument("--plot", default=None, metavar="PNG", help="with --report: draw mAP@0.5 vs labels")
     args = parser.parse_args()
     if args.report:
-        saved = json.loads(Path(args.report).read_text())
-        BUDGET_MAX = saved["args"]["budgets"][-1]
-        present = [s for s in STRATEGIES if any(r["strategy"] == s for r in saved["rows"])]
+        runs = [json.loads(Path(path).read_text()) for path in args.report]
+        budgets = runs[0]["args"]["budgets"]
+        if any(run["args"]["budgets"] != budgets for run in runs):
+            parser.error("--report: the runs have different budgets")
+        rows = [r for run in runs for r in run["rows"]]
+        BUDGET_MAX = budgets[-1]
+        present = [s for s in STRATEGIES if any(r["strategy"] == s for r in rows)]
         for metric in ("map50", "map"):
-            print(report(saved["rows"], saved["args"]["budgets"], present, metric) + "\n")
+            print(report(rows, budgets, present, metric) + "\n")
+        iqr = {}
+        for r in rows:
+            if "pool_scores_iqr" in r:
+                iqr.setdefault(r["strategy"], []).append(r["pool_scores_iqr"])
+        for strategy, values in iqr.items():
+            measure = runs[0]["args"]["measure"] if strategy == "uncertainty" else runs[0]["args"]["cluster_measure"]
+            print(f"pool score IQR, {strategy} ({measure}): median {statistics.median(values):.3f} "
+                  f"over {len(values)} scorings")
+        if args.plot:
+            name = Path(runs[0]["args"]["data"]).name
+            plot(rows, budgets, present, args.plot, f"{name}: labels vs test mAP")
         return
     if sorted(args.budgets) != args.budgets or len(set(args.budgets)) != len(args.budgets):
         parser.error("--budgets must be increasing")
