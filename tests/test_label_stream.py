@@ -71,8 +71,12 @@ def test_connecting_switches_the_stream_on_once_typical_first_then_versions_keep
     tasks_created(env, env.unlabeled[-2:])
     second = wait_stream_done(env, previous_job=first["job"])
     assert second["embedded"] == 10 and project["sampling"] == "Sequential sampling"
-    for tid in env.unlabeled:
+    for tid in env.unlabeled[:-2]:
         assert [p["model_version"] for p in env.fake.task_predictions(tid)] == [TYPICAL_VERSION]  # no duplicates
+    # sequential now: no typical-first predictions for the new tasks (they would only keep Label Studio from
+    # asking /predict for a pre-label), but they are clustered
+    assert all(env.fake.task_predictions(t) == [] for t in env.unlabeled[-2:]) and second["typical_written"] == 0
+    assert set(env.unlabeled) <= set(StreamState(env.redis, env.project).clusters())
 
     # a version: re-scoring's predictions carry the same clusters, the typical ones are replaced
     env.add(labeled=3)
@@ -97,7 +101,8 @@ def test_keep_leaves_the_projects_sampling_alone(env):
     report = wait_stream_done(env)
     project = env.fake.projects[int(env.project)]
     assert project["sampling"] == "Sequential sampling"
-    assert report["typical_written"] == 4  # the scores and clusters still serve a user who sorts by score
+    assert report["embedded"] == 4 and report["typical_written"] == 0  # clustered; no typical-first predictions
+    assert all(env.fake.task_predictions(t) == [] for t in env.unlabeled)  # Label Studio asks /predict as before
     assert "sampling switched" not in env.log()
 
 

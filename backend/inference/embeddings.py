@@ -23,6 +23,7 @@ from backend.model_store.lite0 import IMAGE_MEAN, IMAGE_STD, build_lite0_backbon
 
 EMBED_SIDE = 320  # shorter image side the embedding is computed at (the CPU models' working size)
 EMBED_DIM = 112 + 320
+MAX_SIDE = 1333  # longer side cap (torchvision's detectors use the same)
 
 
 class Embedder:
@@ -43,8 +44,9 @@ class Embedder:
             return self._body
 
     def tensor(self, image) -> torch.Tensor:
-        """1x3xHxW, shorter side ``side``, normalised as Lite0 was trained (inputs in [-1, 1])."""
-        scale = self.side / min(image.width, image.height)
+        """1x3xHxW, shorter side ``side`` (the longer at most MAX_SIDE: a 20 x 20000 strip must not become
+        320 x 320000), normalised as Lite0 was trained (inputs in [-1, 1])."""
+        scale = min(self.side / min(image.width, image.height), MAX_SIDE / max(image.width, image.height))
         size = (max(32, round(image.width * scale)), max(32, round(image.height * scale)))
         array = np.asarray(image.convert("RGB").resize(size), dtype=np.float32) / 255.0
         x = torch.from_numpy(array).permute(2, 0, 1)[None]

@@ -234,9 +234,10 @@ def score_and_write(run: Run, client: LabelStudioClient, predictor: Predictor, l
         run.written += _write(client, run.project, writes)
         run.writes.update({w["task"]: {k: w[k] for k in ("score", "cluster", "model_version")} for w in writes})
         if writes and not run.moved:
-            if not (may_move() if may_move else stop() != "superseded"):  # a newer version's job moved it already
-                return "superseded"
-            client.set_model_version(run.project, loaded.version)
+            with run.state.version_lock():  # claim + PATCH as one step (the label stream's job moves it too)
+                if not (may_move() if may_move else stop() != "superseded"):  # a newer version's job moved it
+                    return "superseded"
+                client.set_model_version(run.project, loaded.version)
             run.moved = True
         written = {w["task"] for w in writes}
         for task in chunk:
@@ -253,6 +254,8 @@ def score_and_write(run: Run, client: LabelStudioClient, predictor: Predictor, l
 def _write(client: LabelStudioClient, project: str, writes: list[dict]) -> int:
     """Write a batch; a task deleted since the listing makes Label Studio reject the whole batch (400), so
     on a rejection the batch is written again without the tasks that are gone."""
+    if any(w.get("cluster") is not None for w in writes):
+        return client.create_predictions(project, writes)  # one by one: a deleted task is skipped there, no re-send
     try:
         return client.create_predictions(project, writes)
     except LabelStudioUnavailable:
@@ -329,12 +332,14 @@ def rescore_project(project: str, attempt: int = 0) -> dict:
                                  delete=lambda p: delete_old and p.get("model_version") != version
                                  and is_livetrain_version(p.get("model_version"), prefix),
                                  stop=stop, may_move=may_move,
-                                 clusters=ClusterLookup(stream, predictor.fetcher, control.value_key))
+                                 clusters=ClusterLookup(stream, predictor.fetcher, control.value_key)
+                                 if settings.stream_prepare else None)
         # Nothing needed scoring: the project must still point here. Label Studio refuses a model_version that
         # none of its predictions carries (400 "Model version doesn't exist..."), e.g. when every task is labeled.
-        if (reason is None and not run.moved and any(has_version(t, version) for t in unlabeled)
-                and may_move()):
-            client.set_model_version(project, version)
+        if reason is None and not run.moved and any(has_version(t, version) for t in unlabeled):
+            with state.version_lock():
+                if may_move():
+                    client.set_model_version(project, version)
         status_after_rescore(settings, state, stream, client, project, unlabeled, run.writes)
     except LabelStudioUnavailable as exc:
         return _retry_or_fail(run, exc, attempt, lambda delay: enqueue_rescore(connection, project, attempt + 1, delay))
@@ -373,7 +378,8 @@ def complete_tasks(project: str, options: dict, attempt: int = 0) -> dict:
         score_and_write(run, client, predictor, loaded, control, tasks, settings.rescore_batch,
                         threshold=options["min_score"], max_detections=options["max_detections"],
                         delete=lambda p: options["remove_existing"],
-                        clusters=ClusterLookup(StreamState(connection, project), predictor.fetcher, control.value_key))  # after the write: a failed image keeps its old one
+                        clusters=ClusterLookup(StreamState(connection, project), predictor.fetcher, control.value_key)
+                        if settings.stream_prepare else None)  # after the write: a failed image keeps its old one
         if not run.moved:
             client.set_model_version(project, version)
     except LabelStudioUnavailable as exc:

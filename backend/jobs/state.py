@@ -85,6 +85,11 @@ class ProjectState:
         (e.g. after a rollback to an older one) may always be moved to."""
         return bool(self.r.eval(_CLAIM_VERSION, 1, self.moved_version_key, version_number(version), int(active)))
 
+    def version_lock(self):
+        """Held around "claim the model_version, then PATCH Label Studio": re-scoring and the label stream's
+        typical-first job both move it, and the PATCH that lands last must be the one of the newest claim."""
+        return self.r.lock(self.moved_version_key + ":lock", timeout=60, blocking_timeout=60)
+
     def add_quality(self, entry: dict) -> None:
         """Append one image's live quality score (image index, time, version, score, category counts)."""
         self.r.rpush(self.quality_key, json.dumps(entry))

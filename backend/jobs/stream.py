@@ -31,18 +31,17 @@ import redis
 from rq import get_current_job
 
 from backend.errors import LivetrainError
-from backend.inference.clusters import typical_first_scores, typicality
 from backend.inference.embeddings import Embedder
 from backend.inference.predictor import has_annotations
 from backend.jobs.connection import connect
 from backend.jobs.queue import rescore_queue
 from backend.jobs.state import PROJECTS, ProjectState, ls_credentials
+from backend.jobs import stream_typical as typical
 from backend.jobs.stream_state import StreamState, cluster_summary, next_tasks, stream_lag
-from backend.labelstudio.client import LabelStudioClient, LabelStudioUnavailable
+from backend.labelstudio.client import LabelStudioClient, LabelStudioError, LabelStudioUnavailable
 from backend.labelstudio.images import ImageFetcher
 from backend.labelstudio.label_config import parse_label_config
 from backend.model_store.stores import version_store
-from backend.model_store.versions import TYPICAL_VERSION
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,6 +49,8 @@ log = logging.getLogger(__name__)
 JOB_TIMEOUT = 6 * 3600
 RETRY_DELAYS = (5, 15, 45, 135, 405, 600, 600)
 EMBED_BATCH = 16  # tasks embedded between two progress reports
+EMBED_SECONDS = 120  # a stream job embeds this long at most, then queues itself again (other jobs go first)
+BUSY_DELAY = 30  # seconds before looking again when another worker runs the project's stream job
 _EMBEDDER = Embedder()  # one per process: the weights load at the first embedding, not at import
 
 
@@ -66,7 +67,6 @@ def enqueue_stream(connection: redis.Redis, project: str, attempt: int = 0, dela
         return None
     if cooldown:
         connection.set(stream.recent_key, 1, ex=int(cooldown))
-    connection.sadd(PROJECTS, project)  # a connected project shows on /status and the status page from now on
     options = dict(job_id=job_id, job_timeout=JOB_TIMEOUT, result_ttl=24 * 3600, failure_ttl=7 * 24 * 3600,
                    description=f"label stream of project {project}")
     try:
@@ -102,7 +102,15 @@ def switch_sampling(settings: Settings, client: LabelStudioClient, stream: Strea
         return sampling
     target = LabelStudioClient.SAMPLING["uncertainty"]
     if sampling != target:
-        client.set_sampling(project["id"], "uncertainty")
+        try:
+            client.set_sampling(project["id"], "uncertainty")
+        except LabelStudioUnavailable:
+            raise
+        except LabelStudioError as exc:  # e.g. a token whose user may not change project settings
+            message = f"could not switch the project to uncertainty sampling: {exc.message}"
+            log.warning("project %s: %s", project["id"], message)
+            ProjectState(stream.r, str(project["id"])).add_error("stream", message)
+            return sampling
         log.info("project %s: sampling switched from %r to %r (LABEL_STREAM=uncertainty; set LABEL_STREAM=keep "
                  "to leave it alone, or `livetrain stream %s sequential` to undo)", project["id"], sampling, target,
                  project["id"])
@@ -111,13 +119,18 @@ def switch_sampling(settings: Settings, client: LabelStudioClient, stream: Strea
 
 
 def embed_tasks(stream: StreamState, tasks: list[dict], fetcher: ImageFetcher, value_key: str,
-                progress=lambda done, total: None) -> tuple[dict[int, np.ndarray], dict[int, str]]:
-    """Embed and store the ``tasks`` (their images) that have no embedding yet; returns the new embeddings, and
-    the tasks that failed with why (a broken image: no cluster for it, the others go on)."""
-    have = stream.embedded()
-    todo = [t for t in tasks if t["id"] not in have]
+                progress=lambda done, total: None, seconds: float = 0) -> tuple[dict[int, np.ndarray], int]:
+    """Embed and store the ``tasks`` (their images) that have no embedding yet, for at most ``seconds`` (0: no
+    limit); returns the new embeddings and how many are left to do. An image that fails (broken, gone) is
+    remembered for FAILED_TTL and skipped meanwhile: no cluster for it, the others go on."""
+    failed_before = stream.failed()
+    missing = set(stream.missing([t["id"] for t in tasks]))
+    todo = [t for t in tasks if t["id"] in missing and t["id"] not in failed_before]
     failed, made = {}, {}
+    began = time.monotonic()
     for start in range(0, len(todo), EMBED_BATCH):
+        if seconds and start and time.monotonic() - began > seconds:
+            return made, len(todo) - start
         vectors = {}
         for task in todo[start:start + EMBED_BATCH]:
             url = (task.get("data") or {}).get(value_key)
@@ -128,66 +141,38 @@ def embed_tasks(stream: StreamState, tasks: list[dict], fetcher: ImageFetcher, v
             except LivetrainError as exc:
                 failed[task["id"]] = exc.message
         stream.add_embeddings(vectors)
+        stream.mark_failed(failed)
+        failed.clear()
         made.update(vectors)
         progress(min(start + EMBED_BATCH, len(todo)), len(todo))
-    return made, failed
+    return made, 0
 
 
 class ClusterLookup:
-    """Each task's cluster for the predictions re-scoring writes; a task never embedded (imported while no
-    stream job ran) is embedded here and joins its nearest cluster."""
+    """Each task's cluster for the predictions re-scoring writes. A task never embedded (imported while no stream
+    job ran) is embedded here and joins its nearest cluster; before the stream job made any clusters, tasks get
+    none (a handful of tasks must not fix the project's first centroids, which never move). Never raises: a
+    cluster is worth less than the score it goes with."""
 
     def __init__(self, stream: StreamState, fetcher: ImageFetcher, value_key: str):
         self.stream, self.fetcher, self.value_key = stream, fetcher, value_key
 
     def __call__(self, tasks: list[dict]) -> dict[int, int]:
-        found = self.stream.clusters([t["id"] for t in tasks])
-        missing = [t for t in tasks if t["id"] not in found]
-        if missing:
-            made, _ = embed_tasks(self.stream, missing, self.fetcher, self.value_key)
-            found.update(self.stream.assign_new(made))
-        return found
-
-
-def typical_predictions(stream: StreamState, tasks: list[dict]) -> list[dict]:
-    """``{"task", "result": [], "score", "cluster", "model_version": TYPICAL_VERSION}`` for each unlabeled task
-    with a cluster (see ``typical_first_scores``)."""
-    ids, x = stream.embeddings()
-    if not ids:
-        return []
-    clusters = stream.clusters(ids)
-    labeled = {t["id"] for t in tasks if has_annotations(t)}
-    unlabeled = {t["id"] for t in tasks if not has_annotations(t)}
-    keep = [i for i, t in enumerate(ids) if t in clusters]
-    ids, x = [ids[i] for i in keep], x[keep]
-    labels = [clusters[t] for t in ids]
-    candidates = [t in unlabeled for t in ids]
-    covered = Counter(clusters[t] for t in ids if t in labeled)
-    scores = typical_first_scores(typicality(x), np.array(labels), np.array(candidates), dict(covered))
-    chosen = [t for t, c in zip(ids, candidates) if c]
-    return [{"task": t, "result": [], "score": round(float(s), 6), "cluster": clusters[t],
-             "model_version": TYPICAL_VERSION} for t, s in zip(chosen, scores)]
-
-
-def write_typical(client: LabelStudioClient, state: ProjectState, project: str, tasks: list[dict],
-                  wanted: list[dict]) -> int:
-    """Write the typical-first predictions that changed (deleting the task's older ones) and move the project's
-    model_version to TYPICAL_VERSION, unless a trained version's re-scoring already moved it."""
-    by_id = {t["id"]: t for t in tasks}
-    written = 0
-    for prediction in wanted:
-        old = [p for p in by_id[prediction["task"]].get("predictions") or ()
-               if p.get("model_version") == TYPICAL_VERSION]
-        if len(old) == 1 and old[0].get("cluster") == prediction["cluster"] and \
-                abs((old[0].get("score") or 0) - prediction["score"]) < 1e-6:
-            continue
-        written += client.create_predictions(project, [prediction])
-        for p in old:
-            client.delete_prediction(p["id"])
-    has_any = any(p.get("model_version") == TYPICAL_VERSION for t in tasks for p in t.get("predictions") or ())
-    if (written or has_any) and state.claim_model_version(TYPICAL_VERSION):
-        client.set_model_version(project, TYPICAL_VERSION)
-    return written
+        try:
+            found = self.stream.clusters([t["id"] for t in tasks])
+            missing = [t for t in tasks if t["id"] not in found]
+            if missing and self.stream.centroids() is not None:
+                made, _ = embed_tasks(self.stream, missing, self.fetcher, self.value_key)
+                lock = self.stream.lock()
+                if lock.acquire():
+                    try:
+                        found.update(self.stream.assign_new(made))
+                    finally:
+                        lock.release()
+            return found
+        except Exception as exc:  # noqa: BLE001 - Redis, an odd image: the prediction goes without a cluster
+            log.warning("project %s: no clusters for this batch: %s", self.stream.project, exc)
+            return {}
 
 
 def stream_status(state: ProjectState, stream: StreamState, tasks: list[dict], model_version: str | None,
@@ -236,18 +221,17 @@ def stream_report(settings: Settings, connection: redis.Redis, project: str, sta
     report = status.get("stream")
     if not isinstance(report, dict):
         return None
-    store = version_store(settings, project)
     try:
-        active = store.active()
-        published = store.meta(active).get("published_at") if active else None
+        versions = version_store(settings, project).list()
     except (OSError, ValueError, KeyError) as exc:  # the store unreachable or a version pruned meanwhile
-        log.warning("project %s: cannot read the active version for the stream's lag: %s", project, exc)
-        active, published = None, None
-    return {**report, "behind": stream_lag(connection, project, active, published, time.time())}
+        log.warning("project %s: cannot list the versions for the stream's lag: %s", project, exc)
+        versions = []
+    return {**report, "behind": stream_lag(connection, project, versions, time.time())}
 
 
 def prepare_stream(project: str, attempt: int = 0) -> dict:
-    """The RQ job (see the module doc)."""
+    """The RQ job (see the module doc). One per project at a time (the project's stream lock); it embeds for at
+    most EMBED_SECONDS, then queues itself again, so that other projects' re-scoring is not held up for long."""
     settings = Settings.from_env()
     connection = connect(settings)
     state, stream = ProjectState(connection, project), StreamState(connection, project)
@@ -255,28 +239,50 @@ def prepare_stream(project: str, attempt: int = 0) -> dict:
     if job is not None and connection.get(stream.pending_key) == job.id.encode():
         connection.delete(stream.pending_key)
     report = {"state": "running", "job": job.id if job else None}
+    lock = stream.lock(blocking_timeout=0)
+    if not lock.acquire():  # another worker runs this project's stream job: look again once it is done
+        enqueue_stream(connection, project, attempt, delay=BUSY_DELAY)
+        return {**report, "state": "busy"}
+    try:
+        return _prepare(settings, connection, state, stream, project, attempt, report)
+    finally:
+        lock.release()
 
+
+def _prepare(settings: Settings, connection: redis.Redis, state: ProjectState, stream: StreamState, project: str,
+             attempt: int, report: dict) -> dict:
     def progress(done: int, total: int) -> None:
         state.set_status(stream_job={**report, "done": done, "total": total})
 
+    written, left = 0, 0
     try:
         url, key = ls_credentials(settings, connection)
         client = LabelStudioClient(url, key)
         info = client.project(project)
+        connection.sadd(PROJECTS, project)  # a project Label Studio knows: on /status and the status page from now
         sampling = switch_sampling(settings, client, stream, info)
         control = parse_label_config(info["label_config"]).primary
         fetcher = ImageFetcher(settings)
         fetcher.set_fallback(url, key)
         tasks = list(client.iter_tasks(project, only_labeled=False))
         stream.forget(stream.embedded() - {t["id"] for t in tasks})  # deleted in Label Studio
-        failed = embed_tasks(stream, tasks, fetcher, control.value_key, progress)[1] if settings.stream_prepare else {}
+        if settings.stream_prepare:
+            _, left = embed_tasks(stream, tasks, fetcher, control.value_key, progress, seconds=EMBED_SECONDS)
         summary = stream.update_clusters()
-        written, model_version = 0, info.get("model_version")
-        if settings.stream_prepare and version_store(settings, project).active() is None:
-            written = write_typical(client, state, project, tasks, typical_predictions(stream, tasks))
-            if written:  # what Label Studio now holds: list again for the status's "next" tasks
-                tasks = list(client.iter_tasks(project, only_labeled=False))
-            model_version = client.project(project).get("model_version")
+        model_version = info.get("model_version")
+        store = version_store(settings, project)
+        # Typical-first predictions only serve uncertainty sampling (LS orders by them); any other mode would only
+        # be kept from calling /predict by them (Label Studio asks for a prediction only for a task with none).
+        uncertainty = sampling == LabelStudioClient.SAMPLING["uncertainty"]
+        if settings.stream_prepare and uncertainty and not left:
+            clusters = stream.clusters()
+            fingerprint = typical.digest(tasks, clusters)
+            if store.active() is None and connection.get(stream.digest_key) != fingerprint.encode():
+                wanted = typical.typical_predictions(stream, tasks) + typical.coverage_predictions(stream, tasks)
+                written = typical.write_typical(client, state, project, tasks, wanted,
+                                                has_version=lambda: store.active() is not None)
+                connection.set(stream.digest_key, fingerprint)
+                model_version = client.project(project).get("model_version")
         stream_status(state, stream, tasks, model_version, sampling, settings)
     except LabelStudioUnavailable as exc:
         if attempt < len(RETRY_DELAYS):
@@ -294,8 +300,12 @@ def prepare_stream(project: str, attempt: int = 0) -> dict:
         state.set_status(stream_job={**report, "state": "error", "error": message})
         state.add_error("stream", message)
         raise
-    report = {**report, "state": "done", **summary, "typical_written": written, "failed": len(failed)}
+    report = {**report, "state": "continuing" if left else "done", **summary, "typical_written": written,
+              "left": left, "failed": len(stream.failed())}
     state.set_status(stream_job=report)
-    log.info("project %s: label stream ready: %d task(s) in %d cluster(s), %d typical-first prediction(s) written, "
-             "sampling %r", project, summary["embedded"], summary["clusters"], written, sampling)
+    if left:  # the time box ran out: the rest in a new job, behind whatever else is queued
+        enqueue_stream(connection, project)
+    log.info("project %s: label stream: %d task(s) in %d cluster(s), %d left to embed, %d typical-first "
+             "prediction(s) written, sampling %r", project, summary["embedded"], summary["clusters"], left, written,
+             sampling)
     return report
