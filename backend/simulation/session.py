@@ -40,13 +40,13 @@ from pathlib import Path
 
 import requests
 
-from backend.jobs.state import version_number
 from backend.labelstudio.annotations import box_to_pixels
 from backend.labelstudio.convert import box_to_region, region_id
 from backend.labelstudio.label_config import parse_label_config
 from backend.labelstudio.masks import polygon_to_mask
 from backend.metrics.quality import MaskCrop, Quality, mask_iou, quality
 from backend.simulation.ls_api import LabelStudioAPI
+from backend.simulation.picks import next_pick, staleness_summary
 from backend.training.coco import CocoImage, load_coco, ring_to_percent
 
 log = logging.getLogger(__name__)
@@ -308,33 +308,11 @@ class Simulation:
         return summary
 
     def pick(self, n: int) -> tuple[dict, dict]:
-        """The n-th task to label: the next in dataset order, or what Label Studio's /next/ serves. With
-        ``order="next"`` also how stale the stream was: the project's model_version (the version whose scores
-        ordered the pick), how many versions the active one is ahead of it, and for how many seconds it had been."""
+        """The n-th task to label: the next in dataset order, or (``order="next"``) what Label Studio's /next/
+        serves, with how stale the stream's scores were (``backend.simulation.picks``)."""
         if self.config.order == "sequential":
             return self.pool_tasks[n - 1], {}
-        pid = self.project["id"]
-        stream_version = self.ls.project(pid).get("model_version")
-        served = self.ls.next_task(pid)
-        versions = self.versions()
-        ordered_by = [p for p in served.get("predictions") or () if p.get("model_version") == stream_version]
-        active = next((v for v in versions if v.get("active")), None)
-        behind, seconds = 0, 0.0
-        if active is not None:
-            mine = version_number(stream_version or "")
-            newer = [v for v in versions if version_number(v["name"]) > mine and v.get("published_at")]
-            behind = max(0, version_number(active["name"]) - mine)
-            seconds = round(time.time() - min(v["published_at"] for v in newer), 1) if behind and newer else 0.0
-        return served, {"stream_version": stream_version, "active_version": active["name"] if active else None,
-                        "versions_behind": behind, "seconds_behind": seconds,
-                        "stream_score": ordered_by[0].get("score") if ordered_by else None,
-                        "stream_cluster": ordered_by[0].get("cluster") if ordered_by else None,
-                        "served_by_stream": bool(ordered_by)}
-
-    def versions(self) -> list[dict]:
-        reply = self.ml.get(self.ml_url + "/versions", params={"project": self.project["id"]}, timeout=10)
-        reply.raise_for_status()
-        return reply.json()["details"].get(str(self.project["id"]), [])
+        return next_pick(self.ls, self.ml, self.ml_url, self.project["id"])
 
     def write_summary(self) -> None:
         (self.out_dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
@@ -385,22 +363,6 @@ def summarize(records: list[dict], wall_s: float) -> dict:
         "wall_s": round(wall_s, 1),
         "wall_s_per_image": round(wall_s / len(records), 2) if records else None,
     }
-
-
-def staleness_summary(records: list[dict]) -> dict:
-    """For ``order="next"`` runs: how far behind the active version the picked tasks' predictions were."""
-    picks = [r for r in records if "versions_behind" in r]
-    if not picks:
-        return {}
-    trained = [r for r in picks if r.get("active_version")]  # before the first version nothing can be behind
-    out = {"picks_by_stream": sum(1 for r in picks if r.get("served_by_stream")),
-           "clusters_covered": len({r.get("stream_cluster") for r in picks if r.get("stream_cluster") is not None})}
-    if trained:
-        out.update(median_versions_behind=statistics.median(r["versions_behind"] for r in trained),
-                   max_versions_behind=max(r["versions_behind"] for r in trained),
-                   median_seconds_behind=round(statistics.median(r["seconds_behind"] for r in trained), 1),
-                   max_seconds_behind=max(r["seconds_behind"] for r in trained))
-    return out
 
 
 COMPARED = ("rolling_0.5_at", "rolling_0.7_at", "quality_31_60", "quality_51_100", "quality_all")  # of compare_with
