@@ -329,7 +329,7 @@ def test_predict_route_serves_a_published_mask_version_and_health_names_the_mask
     assert client.post("/setup", json=dict(setup, schema=CONFIG)).get_json()["model_version"] == "livetrain-base"
 
 
-@pytest.mark.parametrize("measure", ["least_confidence", "entropy", "flip_stability"])
+@pytest.mark.parametrize("measure", ["least_confidence", "mean_confidence", "entropy", "flip_stability"])
 def test_every_uncertainty_measure_runs_on_a_mask_model(measure):
     from backend.inference.uncertainty import detect_and_score
 

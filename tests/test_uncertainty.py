@@ -1,4 +1,4 @@
-"""The three task-confidence measures (UNCERTAINTY), with models whose answers are known."""
+"""The task-confidence measures (UNCERTAINTY), with models whose answers are known."""
 
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def test_every_measure_runs_on_a_real_detector(detector):
         detector.roi_heads.box_predictor.cls_score.weight.normal_(0, 0.01)
         detector.roi_heads.box_predictor.cls_score.bias.copy_(torch.tensor([0.0, 0.5, -0.5]))
     images = [torch.rand(3, 48, 64) for _ in range(3)]
-    for measure in ("least_confidence", "entropy", "flip_stability"):
+    for measure in ("least_confidence", "mean_confidence", "entropy", "flip_stability"):
         detections, confidences = detect_and_score(detector, images, measure)
         assert len(detections) == len(confidences) == 3
         assert all(0.0 <= c <= 1.0 for c in confidences), (measure, confidences)
