@@ -256,7 +256,9 @@ def test_rescoring_progresses_while_a_session_trains(env):
         return versions_written - {"livetrain-base"}
 
     written = wait_until(scored, timeout=180, what="predictions of a published version on the unlabeled tasks")
-    status = ProjectState(env.redis, env.project).status()
+    # the job reports a batch done just after writing it (and moving the project's model_version)
+    status = wait_until(lambda: (s := ProjectState(env.redis, env.project).status()).get("rescore", {}).get("done")
+                        and s, timeout=60, what="re-scoring's progress report")
     assert status["state"] == "training" and status["rescore"]["done"] > 0, status
     assert all(v.startswith("shapes-v") for v in written)  # versions may be pruned meanwhile (KEEP_VERSIONS)
     assert env.fake.projects[int(env.project)]["model_version"].startswith("shapes-v")  # moved to a fresh version
