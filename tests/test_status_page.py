@@ -296,6 +296,7 @@ def test_page_shows_the_label_stream(trained, serve, browser):
         page.wait_for_function("document.querySelectorAll('tbody[data-role=stream-next] tr').length === 1",
                                timeout=15000)
         assert card.locator('dd[data-key="stream_behind"]').text_content() == "up to date"
+        card.screenshot(path=str(settings.model_dir / "status-stream.png"))
         assert page.problems == []
         page.context.close()
     finally:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import redis
 from rq import Queue
 
+# seconds before each new try of a job while Label Studio is unavailable: short at first (a restart of Label Studio
+# takes seconds), growing threefold, then 10 minutes; after the last one the job fails with Label Studio's error
+RETRY_DELAYS = (5, 15, 45, 135, 405, 600, 600)
 QUEUE_NAME = "livetrain"
 RESCORE_QUEUE_NAME = "livetrain-rescore"
 

@@ -41,7 +41,7 @@ from backend.errors import BadRequest, LivetrainError
 from backend.inference.predictor import BASE_VERSION, RAW_SCORE_FLOOR, LoadedModel, Predictor, has_annotations
 from backend.jobs import counters
 from backend.jobs.connection import connect
-from backend.jobs.queue import rescore_queue
+from backend.jobs.queue import RETRY_DELAYS, rescore_queue
 from backend.jobs.state import ProjectState, ls_credentials, version_number
 from backend.jobs.stream import ClusterLookup, status_after_rescore
 from backend.jobs.stream_state import StreamState
@@ -56,9 +56,6 @@ from backend.settings import Settings
 log = logging.getLogger(__name__)
 
 JOB_TIMEOUT = 6 * 3600
-# seconds before each new try while Label Studio is unavailable: short at first (a restart of Label Studio takes
-# seconds), growing threefold, then 10 minutes; after the last one the job fails with Label Studio's error
-RETRY_DELAYS = (5, 15, 45, 135, 405, 600, 600)
 
 
 # -- queueing -------------------------------------------------------------------------------------

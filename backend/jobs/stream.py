@@ -8,8 +8,8 @@ are imported (``TASKS_CREATED``):
    Once: a project someone switches back stays so; LABEL_STREAM=keep never touches it.
 2. **Embed and cluster** the tasks not seen yet: one forward of the pretrained backbone per image
    (``backend.inference.embeddings``), clusters that stay stable across versions (``backend.inference.clusters``).
-3. **Typical first, before any version**: every unlabeled task gets a prediction with an empty result, its
-   ``cluster``, and a score that serves the most typical image of each uncovered cluster first
+3. **Typical first, before any version** (with uncertainty sampling on): every unlabeled task gets a prediction
+   with an empty result, its ``cluster``, and a score that serves the most typical image of each uncovered cluster first
    (``TYPICAL_VERSION``), and the project's ``model_version`` moves to it. Label Studio orders by how many
    tasks of the task's cluster the annotator labeled, then by score: the first labels cover the data. Once a
    trained version exists its re-scoring takes over (those predictions are the stalest, so re-scored first).
@@ -34,7 +34,7 @@ from backend.errors import LivetrainError
 from backend.inference.embeddings import Embedder
 from backend.inference.predictor import has_annotations
 from backend.jobs.connection import connect
-from backend.jobs.queue import rescore_queue
+from backend.jobs.queue import RETRY_DELAYS, rescore_queue
 from backend.jobs.state import PROJECTS, ProjectState, ls_credentials
 from backend.jobs import stream_typical as typical
 from backend.jobs.stream_state import StreamState, cluster_summary, next_tasks, stream_lag
@@ -46,8 +46,7 @@ from backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
-JOB_TIMEOUT = 6 * 3600
-RETRY_DELAYS = (5, 15, 45, 135, 405, 600, 600)
+JOB_TIMEOUT = 3600  # a run embeds for EMBED_SECONDS; the typical-first writes of a big project take longer
 EMBED_BATCH = 16  # tasks embedded between two progress reports
 EMBED_SECONDS = 120  # a stream job embeds this long at most, then queues itself again (other jobs go first)
 BUSY_DELAY = 30  # seconds before looking again when another worker runs the project's stream job
