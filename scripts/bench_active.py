@@ -251,7 +251,8 @@ def report(rows: list[dict], budgets: list[int], strategies: list[str], metric: 
         for _ in range(boot if n > 1 and "random" in curves else 0):
             idx = rng.integers(n, size=n)
             draws.append(labels_to_reach(curves[s][idx].mean(0), budgets, curves["random"][idx, -1].mean()))
-        interval = (f"[{_fmt(np.percentile(draws, 2.5))}, {_fmt(np.percentile(draws, 97.5))}]" if draws else "")
+        interval = (f"[{_fmt(np.quantile(draws, 0.025, method='inverted_cdf'))}, "
+                    f"{_fmt(np.quantile(draws, 0.975, method='inverted_cdf'))}]" if draws else "")  # inf: never
         lines.append(f"| {s} | {auc[s]:.3f} | {diff.mean():+.3f} ± {se:.3f} | {_fmt(reach)} {interval} |")
     return "\n".join(lines)
 

@@ -142,7 +142,7 @@ def test_predict_shape_with_a_published_version(app, client, image_server):
     assert len(results) == 3
     for result in results:
         assert result["model_version"] == "cells-v1"
-        assert 0.5 <= result["score"] <= 1.0
+        assert 0.0 <= result["score"] <= 1.0  # a confidence (mean_confidence, the default)
         for region in result["result"]:
             assert region["score"] >= 0.5  # the tag's model_score_threshold
             assert region["original_width"] == 640 and region["original_height"] == 480
@@ -166,7 +166,8 @@ def test_box_at_known_pixels_comes_back_at_right_percentages(app, image_server):
     assert region["value"]["height"] == pytest.approx(40.0)
     assert region["score"] == pytest.approx(0.9)
     # least confident decision: dropping the 0.2 candidate is right with p = 0.8
-    assert result["score"] == pytest.approx(0.8)
+    # mean_confidence (the default): 1 - (0.9 * (1 - |2 * 0.9 - 1|) + 0.2 * (1 - |2 * 0.2 - 1|)) / (0.9 + 0.2)
+    assert result["score"] == pytest.approx(1 - (0.9 * 0.2 + 0.2 * 0.4) / 1.1)
 
 
 def test_predict_skip_annotated_keeps_one_result_per_task(tmp_path, image_server):
@@ -179,11 +180,11 @@ def test_predict_skip_annotated_keeps_one_result_per_task(tmp_path, image_server
     results = app.test_client().post("/predict", json=payload).get_json()["results"]
     assert len(results) == 3
     assert results[0] == {"result": [], "score": None, "model_version": "test-v1"}
-    assert len(results[1]["result"]) == 1 and results[1]["score"] == pytest.approx(0.8)
+    assert len(results[1]["result"]) == 1 and results[1]["score"] == pytest.approx(1 - (0.9 * 0.2 + 0.2 * 0.4) / 1.1)
     assert len(results[2]["result"]) == 1
     app.extensions["livetrain"].predictor.skip_annotated = False  # the default: predicted like any other task
     results = app.test_client().post("/predict", json=payload).get_json()["results"]
-    assert len(results[0]["result"]) == 1 and results[0]["score"] == pytest.approx(0.8)
+    assert len(results[0]["result"]) == 1 and results[0]["score"] == pytest.approx(1 - (0.9 * 0.2 + 0.2 * 0.4) / 1.1)
 
 
 def test_uncertainty_setting_picks_the_measure(tmp_path, image_server):

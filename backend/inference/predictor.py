@@ -192,7 +192,7 @@ class Predictor:
     version, from the pool) and by the re-scoring / "complete" jobs (the version they were asked for)."""
 
     def __init__(self, pool: ModelPool | None, fetcher: ImageFetcher, score_threshold: float, max_detections: int,
-                 uncertainty: str = "least_confidence", skip_annotated: bool = False, mask_output: str = "instance",
+                 uncertainty: str = "mean_confidence", skip_annotated: bool = False, mask_output: str = "instance",
                  polygon_tolerance: float = 1.5, polygon_max_points: int = 200):
         self.pool = pool
         self.mask_output = mask_output

@@ -4,7 +4,7 @@ Label Studio's uncertainty sampling serves the unlabeled task with the *lowest* 
 measure here is a confidence in [0, 1]: 1.0 = the model is sure about this image, 0.0 = it is lost.
 ``UNCERTAINTY`` picks one:
 
-``mean_confidence`` (costs nothing beyond the forward)
+``mean_confidence`` (the default; costs nothing beyond the forward)
     The same yes/no decisions as ``least_confidence``, but the image's uncertainty is the *score-weighted mean*
     of its candidates' uncertainties ``u_i = 1 - |2 s_i - 1|`` (1 at s = 0.5, 0 at s = 0 or 1), not the
     worst one:
@@ -16,7 +16,7 @@ measure here is a confidence in [0, 1]: 1.0 = the model is sure about this image
     one doubtful object among twenty sure ones from one where half are doubtful. The weights ``s_i`` keep the
     many 0.05-0.1 background candidates from drowning the objects.
 
-``least_confidence`` (default; costs nothing beyond the forward)
+``least_confidence`` (costs nothing beyond the forward)
     Every candidate detection is a yes/no decision "is there an object here?". A detection with score
     ``s`` is right with probability ``s`` if we show it and ``1 - s`` if we drop it, so the confidence
     in that decision is ``max(s, 1 - s)``. The task's confidence is that of its least certain decision:
