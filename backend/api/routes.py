@@ -20,7 +20,7 @@ from backend.jobs.connection import ping
 from backend.jobs.jobs import job_report
 from backend.jobs.rescoring import complete_options, enqueue_complete, enqueue_rescore, rescore_after_publish
 from backend.jobs.state import ProjectState, known_projects, save_ls_fallback
-from backend.jobs.stream import SETUP_COOLDOWN, enqueue_stream, stream_after_event, stream_report
+from backend.jobs.stream import SETUP_COOLDOWN, enqueue_stream, stream_after_event, stream_report, stream_wanted
 from backend.jobs.training import enqueue_training, rollback_to
 from backend.labelstudio.label_config import parse_label_config
 from backend.labelstudio.protocol import project_id, short_repr
@@ -155,8 +155,7 @@ STREAM_EVENTS = ("TASKS_CREATED",)
 def _stream_event(action: str, body: dict):
     """Imported tasks: embed, cluster and (before the first version) pre-score them for the label stream."""
     project = project_id(body.get("project"))
-    settings = state().settings
-    if not settings.stream_prepare and settings.label_stream == "keep":
+    if not stream_wanted(state().settings):
         return jsonify(status="ignored", action=action)
     try:
         queued = enqueue_stream(state().redis, project)

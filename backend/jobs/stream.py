@@ -83,9 +83,14 @@ def enqueue_stream(connection: redis.Redis, project: str, attempt: int = 0, dela
 SETUP_COOLDOWN = 300  # seconds: /setup (called before every predict batch) re-runs the stream job at most this often
 
 
+def stream_wanted(settings: Settings) -> bool:
+    """Whether the stream job has anything to do: embed and cluster (STREAM_PREPARE), or switch the sampling."""
+    return settings.stream_prepare or settings.label_stream != "keep"
+
+
 def stream_after_event(connection: redis.Redis, settings: Settings, project: str, cooldown: float = 0) -> str | None:
-    """From the web process (``/setup``, ``TASKS_CREATED``): never raises, answers at once."""
-    if not settings.stream_prepare and settings.label_stream == "keep":
+    """From the web process (``/setup``): never raises, answers at once."""
+    if not stream_wanted(settings):
         return None
     try:
         return enqueue_stream(connection, project, cooldown=cooldown)
