@@ -91,7 +91,7 @@ class Settings:
     # Prediction
     score_threshold: float = field(default=0.5, metadata={"env": "SCORE_THRESHOLD", "doc": "Regions below this score are not returned. A tag's `model_score_threshold` attribute overrides it."})
     max_detections: int = field(default=100, metadata={"env": "MAX_DETECTIONS", "doc": "At most this many regions per image."})
-    uncertainty: str = field(default="mean_confidence", metadata={"env": "UNCERTAINTY", "doc": "How the task `score` (confidence, low = uncertain) is computed: `mean_confidence` (score-weighted mean uncertainty of the raw detections; the label stream's measured best, and it spreads where images hold many objects), `least_confidence` (least certain raw detection; saturates near 0.5 on images with many objects), `entropy` (largest class entropy of the RoI head's proposals) or `flip_stability` (agreement of the boxes found on the image and its mirror image; two forwards). See backend/inference/uncertainty.py."})
+    uncertainty: str = field(default="mean_confidence", metadata={"env": "UNCERTAINTY", "doc": "How the task `score` (confidence, low = uncertain) is computed: `mean_confidence` (score-weighted mean uncertainty of the raw detections; the label stream's measured best, and it spreads where images hold many objects), `class_weighted` (mean_confidence with candidates of classes rare among the labeled objects weighing up to 3x), `least_confidence` (least certain raw detection; saturates near 0.5 on images with many objects), `entropy` (largest class entropy of the RoI head's proposals) or `flip_stability` (agreement of the boxes found on the image and its mirror image; two forwards). See backend/inference/uncertainty.py."})
     mask_output: str = field(default="instance", metadata={"env": "MASK_OUTPUT", "doc": "Mask projects: `instance` (one region per detected object, with its score) or `semantic` (one region per class: the union of its objects' masks, scored by the best of them)."})
     polygon_tolerance: float = field(default=1.5, metadata={"env": "POLYGON_TOLERANCE", "doc": "PolygonLabels predictions: contours are simplified with at most this tolerance, in image pixels (a part is traced finer when that tolerance would lose more than 3% IoU, e.g. thin shapes)."})
     polygon_max_points: int = field(default=200, metadata={"env": "POLYGON_MAX_POINTS", "doc": "PolygonLabels predictions: at most this many points per polygon (the tolerance then grows until it fits; Label Studio slows down on polygons with thousands of points)."})
@@ -165,8 +165,8 @@ class Settings:
             raise ValueError("WARMUP_STEPS and DECAY_STEPS must be 0 or more and CHECKPOINT_EVERY at least 1")
         if self.train_threads < 0 or self.rescore_threads < 0:
             raise ValueError("TRAIN_THREADS and RESCORE_THREADS must be 0 (all cores) or more")
-        if self.uncertainty not in ("least_confidence", "mean_confidence", "entropy", "flip_stability"):
-            raise ValueError("UNCERTAINTY must be least_confidence, mean_confidence, entropy or flip_stability")
+        if self.uncertainty not in ("least_confidence", "mean_confidence", "class_weighted", "entropy", "flip_stability"):
+            raise ValueError("UNCERTAINTY must be least_confidence, mean_confidence, class_weighted, entropy or flip_stability")
         if self.label_stream not in ("uncertainty", "keep"):
             raise ValueError("LABEL_STREAM must be uncertainty or keep")
         if self.old_predictions not in ("delete", "keep"):

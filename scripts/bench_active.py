@@ -51,7 +51,7 @@ from PIL import Image  # noqa: E402
 from backend.inference.clusters import grow, target_clusters, typical_first_scores, typicality  # noqa: E402
 from backend.inference.embeddings import Embedder  # noqa: E402
 from backend.inference.predictor import FORWARD_BATCH, RAW_SCORE_FLOOR  # noqa: E402
-from backend.inference.uncertainty import MEASURES, detect_and_score  # noqa: E402
+from backend.inference.uncertainty import class_weights, MEASURES, detect_and_score  # noqa: E402
 from backend.labelstudio.convert import image_to_tensor  # noqa: E402
 from backend.model_store.models import model_for_round  # noqa: E402
 from backend.model_store.weights import resolve_starting_weights  # noqa: E402
@@ -108,13 +108,13 @@ class Learner:
 
 
 @torch.inference_mode()
-def confidences(model, examples: list, measure: str) -> list[float]:
+def confidences(model, examples: list, measure: str, weights=None) -> list[float]:
     model.eval()
     model.roi_heads.score_thresh = RAW_SCORE_FLOOR
     out = []
     for start in range(0, len(examples), FORWARD_BATCH):
         tensors = [image_to_tensor(pil) for pil, _ in examples[start:start + FORWARD_BATCH]]
-        out += detect_and_score(model, tensors, measure)[1]
+        out += detect_and_score(model, tensors, measure, weights)[1]
     model.roi_heads.score_thresh = 0.05
     return out
 
@@ -172,7 +172,8 @@ def run_seed(seed: int, data: dict, args) -> list[dict]:
             scores_map = scores_map or evaluate_model(learner.model, data["test"], data["classes"], data["task"] == "masks")
             kind = "mask" if data["task"] == "masks" else "box"
             covered = len({cluster[i] for i in labeled})
-            rows.append({"strategy": strategy, "seed": seed, "labeled": len(labeled), "steps": learner.steps,
+            rows.append({"strategy": strategy if strategy == "random" or not args.tag else f"{strategy}+{args.tag}",
+                         "seed": seed, "labeled": len(labeled), "steps": learner.steps,
                          "map50": scores_map[kind]["map50"], "map": scores_map[kind]["map"],
                          "clusters_covered": covered, "clusters": int(len(centroids)),
                          "seconds": round(time.perf_counter() - started, 1)})
@@ -186,9 +187,17 @@ def run_seed(seed: int, data: dict, args) -> list[dict]:
                 labeled = labeled + rng.sample(left, need)
                 continue
             measure = args.measure if strategy == "uncertainty" else args.cluster_measure
-            conf = confidences(learner.model, [data["examples"][i] for i in left], measure)
+            weights = None
+            if measure == "class_weighted":  # as a version's meta records them: objects per class, labeled set
+                objects = dict.fromkeys(data["classes"], 0)
+                for i in labeled:
+                    for c in data["examples"][i][1]["labels"].tolist():
+                        objects[data["classes"][c - 1]] += 1
+                weights = class_weights(objects, data["classes"])
+            conf = confidences(learner.model, [data["examples"][i] for i in left], measure, weights)
             scores = dict(zip(left, conf))
             rows[-1]["pool_scores_iqr"] = round(float(np.subtract(*np.percentile(conf, [75, 25]))), 4)
+            rows[-1]["measure"] = measure
             if strategy == "uncertainty":
                 labeled = labeled + sorted(left, key=lambda i: (scores[i], i))[:need]
             else:
@@ -339,6 +348,9 @@ def main() -> None:
     parser.add_argument("--boxes", action="store_true", help="a polygon dataset as boxes (Faster R-CNN)")
     parser.add_argument("--test-limit", type=int, default=0, help="first N test images only (smoke runs)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tag", default="", help="an ablation: the strategies other than random are reported as "
+                        "STRATEGY+TAG (e.g. typical+class_weighted); random may then come from another run's JSON "
+                        "with the same seeds and settings (mAP is a deterministic function of them)")
     parser.add_argument("--out", default="bench_active.json")
     parser.add_argument("--report", default=None, metavar="JSON", nargs="+",
                         help="print the tables of finished runs (several files: their seeds together)")
@@ -352,14 +364,16 @@ def main() -> None:
         rows = [r for run in runs for r in run["rows"]]
         BUDGET_MIN, BUDGET_MAX = budgets[0], budgets[-1]
         present = [s for s in STRATEGIES if any(r["strategy"] == s for r in rows)]
+        present += sorted({r["strategy"] for r in rows} - set(present))  # ablations (--tag)
         for metric in ("map50", "map"):
             print(report(rows, budgets, present, metric) + "\n")
         iqr = {}
         for r in rows:
             if "pool_scores_iqr" in r:
-                iqr.setdefault(r["strategy"], []).append(r["pool_scores_iqr"])
-        for strategy, values in iqr.items():
-            measure = runs[0]["args"]["measure"] if strategy == "uncertainty" else runs[0]["args"]["cluster_measure"]
+                measure = r.get("measure") or (runs[0]["args"]["measure"] if r["strategy"] == "uncertainty"
+                                               else runs[0]["args"]["cluster_measure"])
+                iqr.setdefault((r["strategy"], measure), []).append(r["pool_scores_iqr"])
+        for (strategy, measure), values in iqr.items():
             print(f"pool score IQR, {strategy} ({measure}): median {statistics.median(values):.3f} "
                   f"over {len(values)} scorings")
         if args.plot:
@@ -368,8 +382,8 @@ def main() -> None:
         return
     if sorted(args.budgets) != args.budgets or len(set(args.budgets)) != len(args.budgets):
         parser.error("--budgets must be increasing")
-    if "random" not in args.strategies:
-        parser.error("'random' is the reference: keep it in --strategies")
+    if "random" not in args.strategies and not args.tag:
+        parser.error("'random' is the reference: keep it in --strategies (or name an ablation with --tag)")
     BUDGET_MIN, BUDGET_MAX = args.budgets[0], args.budgets[-1]
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -382,7 +396,8 @@ def main() -> None:
         rows += run_seed(seed, data, args)
         out.write_text(json.dumps({"args": vars(args), "task": data["task"], "rows": rows}, indent=1))
     for metric in ("map50", "map"):
-        print("\n" + report(rows, args.budgets, args.strategies, metric))
+        names = [s if s == "random" or not args.tag else f"{s}+{args.tag}" for s in args.strategies]
+        print("\n" + report(rows, args.budgets, names, metric))
     print(f"\nwrote {out}")
 
 

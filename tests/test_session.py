@@ -122,6 +122,9 @@ def test_session_publishes_what_it_trained_on_and_a_checkpoint_resumes_it(tmp_pa
     v1 = session.publish()
     meta = session.store.meta(v1)
     assert meta["images"] == 4 and meta["total_steps"] == 3 and meta["session"] == session.id and meta["parent"] is None
+    # labeled objects per class (UNCERTAINTY=class_weighted), counted over the trained images only
+    assert set(meta["class_objects"]) == set(LABELS) and sum(meta["class_objects"].values()) == meta["annotations"]
+    assert meta["class_objects"] == {c: sum(r.labels.count(c) for r in records[:4]) for c in LABELS}
     assert not session.has_new()
     # a fifth image arrives mid-session: scored by v1 before training on it, the backbone joins (FULL_AFTER=5)
     changed = session.update(records[:5])

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from backend.inference.uncertainty import (detect_and_score, entropy_confidence, flip_stability, least_confidence,
-                                           unflip)
+from backend.inference.uncertainty import (class_weights, detect_and_score, entropy_confidence, flip_stability,
+                                           least_confidence, mean_confidence, unflip)
+from backend.inference.predictor import LoadedModel
 from backend.model_store.architectures import build_detector
 
 
@@ -119,9 +120,50 @@ def test_every_measure_runs_on_a_real_detector(detector):
         detector.roi_heads.box_predictor.cls_score.weight.normal_(0, 0.01)
         detector.roi_heads.box_predictor.cls_score.bias.copy_(torch.tensor([0.0, 0.5, -0.5]))
     images = [torch.rand(3, 48, 64) for _ in range(3)]
-    for measure in ("least_confidence", "mean_confidence", "entropy", "flip_stability"):
-        detections, confidences = detect_and_score(detector, images, measure)
+    for measure in ("least_confidence", "mean_confidence", "class_weighted", "entropy", "flip_stability"):
+        detections, confidences = detect_and_score(detector, images, measure, (1.0, 3.0, 0.5))
         assert len(detections) == len(confidences) == 3
         assert all(0.0 <= c <= 1.0 for c in confidences), (measure, confidences)
     with pytest.raises(Exception, match="UNCERTAINTY"):
         detect_and_score(FixedBox(), images, "entropy")
+
+
+class TwoClasses(torch.nn.Module):
+    """A sure object of the other class and a doubtful object of class ``doubt`` (1 or 2)."""
+
+    def __init__(self, doubt: int):
+        super().__init__()
+        self.doubt = doubt
+
+    def forward(self, images):
+        return [{"boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]]), "labels": torch.tensor([3 - self.doubt, self.doubt]),
+                 "scores": torch.tensor([0.95, 0.5])} for _ in images]
+
+
+def test_class_weights_favour_rare_classes():
+    weights = class_weights({"RBC": 900, "WBC": 60, "Platelets": 40}, ("RBC", "WBC", "Platelets"))
+    assert weights[0] == 1.0  # background
+    assert weights[1] == pytest.approx(math.sqrt(1000 / 3 / 900))  # the common class weighs less than 1
+    clipped = class_weights({"a": 10000, "b": 1, "c": 1, "d": 1, "e": 1}, "abcde")
+    assert clipped[1] == 0.5 and clipped[2:] == (3.0,) * 4  # within WEIGHT_RANGE
+    assert weights[2] == pytest.approx(math.sqrt(1000 / 3 / 60)) and weights[3] == pytest.approx(math.sqrt(1000 / 3 / 40))
+    assert class_weights({"a": 10, "b": 0}, ("a", "b"))[2] == 3.0  # a class nobody labeled yet weighs the most
+    assert class_weights(None, ("a",)) is None and class_weights({"a": 0}, ("a",)) is None
+    # a served version carries the weights of its meta's counts (session.publish records them)
+    meta = {"classes": ["RBC", "WBC", "Platelets"], "class_objects": {"RBC": 900, "WBC": 60, "Platelets": 40}}
+    assert LoadedModel.from_version(FixedBox(), "v1", meta).weights == weights
+    assert LoadedModel.from_version(FixedBox(), "v0", {"classes": ["RBC"]}).weights is None  # older meta
+
+
+def test_class_weighted_serves_doubt_about_a_rare_class_first():
+    images = [torch.rand(3, 40, 40)]
+    weights = (1.0, 0.5, 3.0)  # class 1 common, class 2 rare
+    _, [rare_doubt] = detect_and_score(TwoClasses(doubt=2), images, "class_weighted", weights)
+    _, [common_doubt] = detect_and_score(TwoClasses(doubt=1), images, "class_weighted", weights)
+    _, [unweighted] = detect_and_score(TwoClasses(doubt=2), images, "mean_confidence")
+    # unweighted, both images are alike; weighted, doubt about the rare class is served first (lower confidence)
+    assert rare_doubt < unweighted < common_doubt
+    assert detect_and_score(TwoClasses(doubt=1), images, "mean_confidence")[1] == pytest.approx([unweighted])
+    assert unweighted == pytest.approx(mean_confidence([0.95, 0.5]))
+    # without weights (a version published before counts were recorded) it is mean_confidence
+    assert detect_and_score(TwoClasses(doubt=2), images, "class_weighted", None)[1] == pytest.approx([unweighted])

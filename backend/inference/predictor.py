@@ -17,7 +17,7 @@ from torch import nn
 
 from backend.errors import ImageError, LivetrainError
 from backend.model_store.detect import paste_in_box, serving_limit
-from backend.inference.uncertainty import detect_and_score
+from backend.inference.uncertainty import class_weights, detect_and_score
 from backend.labelstudio.convert import box_to_region, image_to_tensor, mask_to_regions, shrink
 from backend.labelstudio.images import ImageFetcher
 from backend.labelstudio.label_config import ControlTag, LabelConfig
@@ -38,6 +38,12 @@ class LoadedModel:
     model: nn.Module
     version: str
     classes: tuple[str, ...]  # index i + 1 of the head -> classes[i]; 0 is background
+    weights: tuple[float, ...] | None = None  # per head index, for UNCERTAINTY=class_weighted (uncertainty.py)
+
+    @classmethod
+    def from_version(cls, model: nn.Module, name: str, meta: dict) -> "LoadedModel":
+        classes = tuple(meta["classes"])
+        return cls(model, name, classes, class_weights(meta.get("class_objects"), classes))
 
 
 @dataclass
@@ -135,7 +141,7 @@ class ModelPool:
             name, state, meta = found
             if version_task(meta) == control.task:
                 log.info("project %s: serving version %s", project, name)
-                return LoadedModel(model_from_version(state, meta, self.min_size), name, tuple(meta["classes"]))
+                return LoadedModel.from_version(model_from_version(state, meta, self.min_size), name, meta)
             log.warning("project %s: version %s predicts %s but the label config asks for %s; not served",
                         project, name, version_task(meta), control.task)
         starting = self.starting(control.task)
@@ -268,7 +274,7 @@ class Predictor:
             shrunk = [shrink(images[i], limit) for i in chunk]  # as in training: the size the model works at
             tensors = [image_to_tensor(image).to(device) for image, _ in shrunk]
             with self._forward_lock:
-                detections, confidences = detect_and_score(loaded.model, tensors, self.uncertainty)
+                detections, confidences = detect_and_score(loaded.model, tensors, self.uncertainty, loaded.weights)
             for (_, scale), det in zip(shrunk, detections):
                 if scale != 1.0:  # back to the image's own pixels; RoI masks do not depend on the size
                     det["boxes"] = det["boxes"] / scale

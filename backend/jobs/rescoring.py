@@ -282,7 +282,7 @@ def _setup(settings: Settings, connection: redis.Redis, project: str, version: s
     model = model_from_version(state, meta, settings.min_size)
     model.roi_heads.score_thresh = RAW_SCORE_FLOOR  # as /predict serves it: the uncertainty sees every candidate
     model.to(pick_device(settings.device)).eval()
-    loaded = LoadedModel(model, version, tuple(meta["classes"]))
+    loaded = LoadedModel.from_version(model, version, meta)
     predictor = Predictor.from_settings(None, fetcher, settings, skip_annotated=False)
     return client, control, loaded, predictor
 

@@ -32,6 +32,18 @@ def load_example(record: LabeledImage, fetcher: ImageFetcher, classes: tuple[str
     return image_to_tensor(image), drop_degenerate(target)
 
 
+def class_objects(records: dict, trained: dict, classes: tuple[str, ...]) -> dict[str, int]:
+    """Labeled objects per class among the trained ``records`` (a version's meta; UNCERTAINTY=class_weighted
+    weighs doubt about a rare class more)."""
+    counts = dict.fromkeys(classes, 0)
+    for record in records.values():
+        if str(record.task_id) in trained:
+            for label in record.labels:
+                if label in counts:
+                    counts[label] += 1
+    return counts
+
+
 def mask_target(record: LabeledImage, labels: list[int], width: int, height: int) -> dict:
     """Masks rasterised at the working size; each box is its mask's tight box (what Mask R-CNN learns)."""
     from backend.labelstudio.masks import mask_box

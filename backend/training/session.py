@@ -37,7 +37,7 @@ from backend.model_store.stores import version_store
 from backend.model_store.versions import BASE_VERSION
 from backend.model_store.weights import StartingWeights
 from backend.settings import Settings
-from backend.training.data import ExampleCache
+from backend.training.data import ExampleCache, class_objects
 from backend.training.ema import ModelEma
 from backend.training.engine import amp_scaler, sgd, train_step
 from backend.training.guard import Guard, Verdict
@@ -302,6 +302,7 @@ class TrainingSession:
             "new_images": sum(1 for k, v in trained.items() if previous_trained.get(k) != v),
             "negatives": sum(1 for r in records.values() if not r.boxes and str(r.task_id) in trained),
             "annotations": sum(len(r.boxes) for r in records.values() if str(r.task_id) in trained),
+            "class_objects": class_objects(records, trained, self.classes),
             "trained_annotations": trained,
             "mode": self.mode,
             "steps": self.loss_steps,
