@@ -62,6 +62,7 @@ from backend.training.engine import TrainState, sgd, train_steps, warmup_cosine 
 from backend.training.modes import apply_mode, body_trainable, choose_mode, working_limit  # noqa: E402
 from backend.training.transforms import augment  # noqa: E402
 from backend.training.validation import evaluate_model  # noqa: E402
+from active_report import plot, report  # noqa: E402
 
 log = logging.getLogger("bench_active")
 STRATEGIES = ("random", "uncertainty", "clusters", "typical")
@@ -117,6 +118,15 @@ def confidences(model, examples: list, measure: str, weights=None) -> list[float
         out += detect_and_score(model, tensors, measure, weights)[1]
     model.roi_heads.score_thresh = 0.05
     return out
+
+
+def labeled_weights(examples: list, classes) -> tuple[float, ...] | None:
+    """UNCERTAINTY=class_weighted's weights from the labeled examples, as a version's meta counts them."""
+    objects = dict.fromkeys(classes, 0)
+    for _, target in examples:
+        for c in target["labels"].tolist():
+            objects[classes[c - 1]] += 1
+    return class_weights(objects, classes)
 
 
 # -- choosing the next images as Label Studio's /next/ would --------------------------------------
@@ -187,13 +197,7 @@ def run_seed(seed: int, data: dict, args) -> list[dict]:
                 labeled = labeled + rng.sample(left, need)
                 continue
             measure = args.measure if strategy == "uncertainty" else args.cluster_measure
-            weights = None
-            if measure == "class_weighted":  # as a version's meta records them: objects per class, labeled set
-                objects = dict.fromkeys(data["classes"], 0)
-                for i in labeled:
-                    for c in data["examples"][i][1]["labels"].tolist():
-                        objects[data["classes"][c - 1]] += 1
-                weights = class_weights(objects, data["classes"])
+            weights = labeled_weights([data["examples"][i] for i in labeled], data["classes"])
             conf = confidences(learner.model, [data["examples"][i] for i in left], measure, weights)
             scores = dict(zip(left, conf))
             rows[-1]["pool_scores_iqr"] = round(float(np.subtract(*np.percentile(conf, [75, 25]))), 4)
@@ -205,106 +209,6 @@ def run_seed(seed: int, data: dict, args) -> list[dict]:
     return rows
 
 
-# -- the report ------------------------------------------------------------------------------------
-def curve(rows: list[dict], strategy: str, budgets: list[int], seeds: list[int], metric: str) -> np.ndarray:
-    """seeds x budgets of ``metric``."""
-    table = {(r["seed"], r["labeled"]): r[metric] for r in rows if r["strategy"] == strategy}
-    return np.array([[table[(s, b)] for b in budgets] for s in seeds])
-
-
-def _trapezoid(y, x, axis=-1):
-    return (np.trapezoid if hasattr(np, "trapezoid") else np.trapz)(y, x, axis=axis)
-
-
-def labels_to_reach(mean: np.ndarray, budgets: list[int], target: float) -> float:
-    """The labels at which the (linearly interpolated) mean curve first reaches ``target``; inf if never."""
-    if mean[0] >= target:
-        return float(budgets[0])
-    for j in range(1, len(budgets)):
-        if mean[j] >= target:
-            lo, hi = mean[j - 1], mean[j]
-            return budgets[j - 1] + (budgets[j] - budgets[j - 1]) * (target - lo) / max(hi - lo, 1e-9)
-    return float("inf")
-
-
-def report(rows: list[dict], budgets: list[int], strategies: list[str], metric: str = "map50",
-           boot: int = 2000) -> str:
-    seeds = sorted({r["seed"] for r in rows if all(
-        any(q["seed"] == r["seed"] and q["strategy"] == s and q["labeled"] == budgets[-1] for q in rows)
-        for s in strategies)})
-    if not seeds:
-        return "no seed finished every strategy"
-    curves = {s: curve(rows, s, budgets, seeds, metric) for s in strategies}
-    n = len(seeds)
-    lines = [f"{metric}, {n} seed(s) {seeds}: mean ± standard error", "",
-             "| labeled | " + " | ".join(strategies) + " |", "|---:|" + "---:|" * len(strategies)]
-    for j, b in enumerate(budgets):
-        cells = []
-        for s in strategies:
-            v = curves[s][:, j]
-            se = statistics.stdev(v) / n ** 0.5 if n > 1 else 0.0
-            cells.append(f"{v.mean():.3f} ± {se:.3f}")
-        lines.append(f"| {b} | " + " | ".join(cells) + " |")
-    span = budgets[-1] - budgets[0]
-    auc = {s: float(_trapezoid(curves[s].mean(0), budgets) / span) for s in strategies}
-    lines += ["", "| strategy | area under mAP vs labels (mean mAP) | vs random, paired (± SE) | "
-              f"labels to reach random's mAP at {budgets[-1]} [95% bootstrap] |", "|---|---:|---:|---:|"]
-    rng = np.random.default_rng(0)
-    target = curves["random"][:, -1].mean() if "random" in curves else None
-    for s in strategies:
-        per_seed = _trapezoid(curves[s], budgets, axis=1) / span
-        diff = per_seed - _trapezoid(curves["random"], budgets, axis=1) / span if "random" in curves else per_seed * 0
-        se = statistics.stdev(diff) / n ** 0.5 if n > 1 else 0.0
-        reach = labels_to_reach(curves[s].mean(0), budgets, target) if target is not None else float("nan")
-        draws = []
-        for _ in range(boot if n > 1 and "random" in curves else 0):
-            idx = rng.integers(n, size=n)
-            draws.append(labels_to_reach(curves[s][idx].mean(0), budgets, curves["random"][idx, -1].mean()))
-        interval = (f"[{_fmt(np.quantile(draws, 0.025, method='inverted_cdf'))}, "
-                    f"{_fmt(np.quantile(draws, 0.975, method='inverted_cdf'))}]" if draws else "")  # inf: never
-        lines.append(f"| {s} | {auc[s]:.3f} | {diff.mean():+.3f} ± {se:.3f} | {_fmt(reach)} {interval} |")
-    return "\n".join(lines)
-
-
-LABELS = {"random": "random", "uncertainty": "uncertainty (least_confidence)",
-          "clusters": "uncertainty + clusters", "typical": "typical first, then uncertainty + clusters"}
-
-
-def plot(rows: list[dict], budgets: list[int], strategies: list[str], path: str, title: str,
-         metric: str = "map50") -> None:
-    """mAP vs labels per strategy: the mean over seeds with a band of one standard error."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    seeds = sorted({r["seed"] for r in rows if r["strategy"] == "random" and r["labeled"] == budgets[-1]})
-    seeds = [s for s in seeds if all(any(r["seed"] == s and r["strategy"] == st and r["labeled"] == budgets[-1]
-                                         for r in rows) for st in strategies)]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for strategy in strategies:
-        c = curve(rows, strategy, budgets, seeds, metric)
-        mean, se = c.mean(0), (c.std(0, ddof=1) / len(seeds) ** 0.5 if len(seeds) > 1 else 0 * c.mean(0))
-        style = "--" if strategy == "random" else "-"
-        ax.plot(budgets, mean, style, marker="o", label=LABELS.get(strategy, strategy),
-                color="gray" if strategy == "random" else None)
-        ax.fill_between(budgets, mean - se, mean + se, alpha=0.15, color="gray" if strategy == "random" else None)
-    ax.set(xlabel="labeled images", ylabel="test " + ("mAP@0.5" if metric == "map50" else "mAP@[.5:.95]"),
-           title=f"{title} ({len(seeds)} seeds, mean ± SE)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _fmt(value: float) -> str:
-    if not np.isfinite(value):
-        return f"> {BUDGET_MAX}"
-    return f"<= {BUDGET_MIN}" if value <= BUDGET_MIN else f"{value:.1f}"
-
-
-BUDGET_MIN, BUDGET_MAX = 10, 80
 
 
 def load(args) -> dict:
@@ -332,7 +236,6 @@ def load(args) -> dict:
 
 
 def main() -> None:
-    global BUDGET_MIN, BUDGET_MAX
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared/datasets/bccd"))
     parser.add_argument("--budgets", type=int, nargs="+", default=[10, 20, 40, 60, 80])
@@ -359,19 +262,18 @@ def main() -> None:
     if args.report:
         runs = [json.loads(Path(path).read_text()) for path in args.report]
         budgets = runs[0]["args"]["budgets"]
-        if any(run["args"]["budgets"] != budgets for run in runs):
-            parser.error("--report: the runs have different budgets")
+        same = ("budgets", "data", "pool", "steps_per_label", "min_size", "lr", "boxes", "test_limit")
+        if any(run["args"].get(k) != runs[0]["args"].get(k) for run in runs for k in same):
+            parser.error(f"--report: the runs differ in one of {', '.join(same)}")
         rows = [r for run in runs for r in run["rows"]]
-        BUDGET_MIN, BUDGET_MAX = budgets[0], budgets[-1]
         present = [s for s in STRATEGIES if any(r["strategy"] == s for r in rows)]
         present += sorted({r["strategy"] for r in rows} - set(present))  # ablations (--tag)
         for metric in ("map50", "map"):
             print(report(rows, budgets, present, metric) + "\n")
         iqr = {}
-        for r in rows:
-            if "pool_scores_iqr" in r:
-                measure = r.get("measure") or (runs[0]["args"]["measure"] if r["strategy"] == "uncertainty"
-                                               else runs[0]["args"]["cluster_measure"])
+        for run in runs:
+            for r in (r for r in run["rows"] if "pool_scores_iqr" in r):
+                measure = r.get("measure") or run["args"]["measure" if r["strategy"] == "uncertainty" else "cluster_measure"]
                 iqr.setdefault((r["strategy"], measure), []).append(r["pool_scores_iqr"])
         for (strategy, measure), values in iqr.items():
             print(f"pool score IQR, {strategy} ({measure}): median {statistics.median(values):.3f} "
@@ -384,7 +286,6 @@ def main() -> None:
         parser.error("--budgets must be increasing")
     if "random" not in args.strategies and not args.tag:
         parser.error("'random' is the reference: keep it in --strategies (or name an ablation with --tag)")
-    BUDGET_MIN, BUDGET_MAX = args.budgets[0], args.budgets[-1]
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     data = load(args)

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_active import Learner, confidences  # noqa: E402
+from bench_active import Learner, confidences, labeled_weights  # noqa: E402
 
 from backend.inference.uncertainty import MEASURES  # noqa: E402
 from backend.model_store.models import model_for_round  # noqa: E402
@@ -77,7 +77,7 @@ def main() -> None:
     print("| UNCERTAINTY | IQR | p10 / p50 / p90 | distinct values (3 dp) | share in 0.49-0.51 |")
     print("|---|---:|---:|---:|---:|")
     for measure in args.measures:
-        s = spread(confidences(learner.model, rest, measure))
+        s = spread(confidences(learner.model, rest, measure, labeled_weights(labeled, classes)))
         report["measures"][measure] = s
         print(f"| {measure} | {s['iqr']:.3f} | {s['p10']:.3f} / {s['p50']:.3f} / {s['p90']:.3f} | "
               f"{s['distinct_3dp']} of {s['n']} | {s['share_0.49_0.51']:.0%} |", flush=True)

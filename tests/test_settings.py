@@ -42,3 +42,13 @@ def test_docs_settings_page_holds_the_generated_table():
         "docs/settings.md is out of date: replace its table with the output of `.venv/bin/livetrain settings`")
     documented = set(re.findall(r"^\| `([A-Z0-9_]+)` \|", page, re.M))
     assert documented == {f.metadata["env"] for f in dataclasses.fields(Settings)}
+
+
+def test_uncertainty_setting_accepts_every_measure():
+    from backend.inference.uncertainty import MEASURES
+
+    for measure in MEASURES:  # settings keeps its own list (it imports nothing above it): they must agree
+        assert Settings.from_env({"UNCERTAINTY": measure}).uncertainty == measure
+        assert f"`{measure}`" in Settings.__dataclass_fields__["uncertainty"].metadata["doc"]
+    with pytest.raises(ValueError, match="UNCERTAINTY"):
+        Settings.from_env({"UNCERTAINTY": "margin"})
