@@ -165,7 +165,6 @@ def test_box_at_known_pixels_comes_back_at_right_percentages(app, image_server):
     assert region["value"]["width"] == pytest.approx(40.0)
     assert region["value"]["height"] == pytest.approx(40.0)
     assert region["score"] == pytest.approx(0.9)
-    # least confident decision: dropping the 0.2 candidate is right with p = 0.8
     # mean_confidence (the default): 1 - (0.9 * (1 - |2 * 0.9 - 1|) + 0.2 * (1 - |2 * 0.2 - 1|)) / (0.9 + 0.2)
     assert result["score"] == pytest.approx(1 - (0.9 * 0.2 + 0.2 * 0.4) / 1.1)
 

@@ -87,15 +87,13 @@ def least_confidence(scores: Iterable[float]) -> float:
 
 def mean_confidence(scores: Iterable[float]) -> float:
     """1 - the score-weighted mean of the candidates' uncertainties ``1 - |2s - 1|`` (see the module doc)."""
-    scores = [float(s) for s in scores]
-    mass = sum(scores)
-    if not scores or mass <= 0:
-        return 1.0
-    return 1.0 - sum(s * (1.0 - abs(2.0 * s - 1.0)) for s in scores) / mass
+    scores = list(scores)
+    return weighted_confidence(scores, [1.0] * len(scores))
 
 
 def weighted_confidence(scores: Iterable[float], weights: Iterable[float]) -> float:
-    """``mean_confidence`` with each candidate's score mass multiplied by its class weight."""
+    """``mean_confidence`` with each candidate's score mass multiplied by its weight (its class's, for
+    ``class_weighted``; all 1 for ``mean_confidence`` itself)."""
     pairs = [(float(s), float(w)) for s, w in zip(scores, weights)]
     mass = sum(s * w for s, w in pairs)
     if not pairs or mass <= 0:
