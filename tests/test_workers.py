@@ -17,6 +17,7 @@ from backend.jobs.jobs import wait_for_job
 from backend.jobs.queue import QUEUE_NAME, RESCORE_QUEUE_NAME, job_queue, rescore_queue
 from backend.jobs.rescoring import enqueue_rescore
 from backend.jobs.state import ProjectState
+from backend.jobs.workers import LivetrainWorker
 from backend.model_store.versions import VersionStore
 from tests.livetrain_fixtures import WorkerProcess, live_env, shapes_image, wait_until, worker_env
 
@@ -130,3 +131,14 @@ def test_rescore_worker_takes_only_rescore_jobs_and_does_not_yield_to_pending_tr
     assert env.fake.projects[int(env.project)]["model_version"] == version
     assert training_job.get_status(refresh=True) == "queued"  # not its queue
     assert live_workers(env.redis).keys() == {RESCORE_QUEUE_NAME}
+
+
+def test_worker_command_thread_stops_within_seconds_of_unsubscribing(env):
+    # RQ's pubsub thread polled every 60 s and, once unsubscribed (as teardown does first), waited that long for
+    # a new subscription before it saw its stop flag: a warm shutdown hung for up to a minute.
+    worker = LivetrainWorker([job_queue(env.redis)], connection=env.redis)
+    worker.subscribe()
+    worker.pubsub.unsubscribe()
+    wait_until(lambda: not worker.pubsub.subscribed, timeout=10, what="the unsubscribe to be confirmed")
+    worker.pubsub_thread.stop(timeout=10)
+    assert not worker.pubsub_thread.is_alive()

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 CHECK_EVERY = 2.0  # seconds between checks that the re-scoring worker still runs
 RESTART_AFTER = 10.0  # a child that keeps dying at once (bad settings, Redis gone) is restarted at most this often
+PUBSUB_POLL = 1.0  # seconds: how soon the worker's command thread (RQ's pubsub) sees a stop
 STOP_TIMEOUT = 20.0  # seconds the child gets to finish its job after the training worker stopped
 
 
@@ -65,6 +66,16 @@ class LivetrainWorker(Worker):
             super().maintain_heartbeats(job, execution)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             log.warning("job %s: no heartbeat, Redis is unavailable (%s); the job goes on", job.id, exc)
+
+    def subscribe(self):
+        # RQ's own: the same, but its pubsub thread waits 60 s per poll, and once unsubscribed it waits that long
+        # for a subscription before it looks at its stop flag, so a warm shutdown took up to a minute longer
+        # (longer than `docker stop` waits). A poll a second lets teardown join it within a second.
+        self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(sleep_time=PUBSUB_POLL, daemon=True,
+                                                       exception_handler=self._pubsub_exception_handler)
 
     def fork_work_horse(self, job, queue):
         if torch.cuda.is_initialized():  # a flag, no CUDA call: the horse could not use the GPU
