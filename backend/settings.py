@@ -17,11 +17,12 @@ from typing import Mapping
 ARCHITECTURES = (
     "auto",
     "fasterrcnn_lite0_fpn",
+    "fasterrcnn_lite0_slim",
     "fasterrcnn_mobilenet_v3_large_320_fpn",
     "fasterrcnn_mobilenet_v3_large_fpn",
     "fasterrcnn_resnet50_fpn_v2",
 )
-MASK_ARCHITECTURES = ("auto", "maskrcnn_lite0_fpn", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")
+MASK_ARCHITECTURES = ("auto", "maskrcnn_lite0_fpn", "maskrcnn_lite0_slim", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")
 
 
 def _bool(text: str) -> bool:

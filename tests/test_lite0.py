@@ -206,3 +206,42 @@ def test_maskrcnn_train_step():
 def test_missing_weights_path_raises(tmp_path):
     with pytest.raises(WeightsError, match="does not exist"):
         L.load_lite0_imagenet_state_dict(tmp_path / "nope.pth")
+
+
+# --- the slim variants ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch,wide", [("fasterrcnn_lite0_slim", "fasterrcnn_lite0_fpn"),
+                                       ("maskrcnn_lite0_slim", "maskrcnn_lite0_fpn")])
+def test_slim_variant_has_the_pretrained_body_and_narrow_parts_and_round_trips(arch, wide, tmp_path):
+    from backend.model_store.architectures import build_detector
+    from backend.model_store.export import save_torchscript, wrap
+    from backend.model_store.models import model_from_version
+
+    torch.manual_seed(0)
+    slim = build_detector(arch, 3, pretrained_backbone=True, min_size=128, max_size=256)  # model_from_version's sizes
+    full = build_detector(wide, 3, pretrained_backbone=True, min_size=128, max_size=256)
+    body = slim.backbone.body.state_dict()
+    assert all(torch.equal(v, body[k]) for k, v in full.backbone.body.state_dict().items())  # the same ImageNet body
+    assert slim.backbone.out_channels == L.SLIM["fpn_channels"] < full.backbone.out_channels
+    assert slim.rpn.head.conv[0][0].out_channels == L.SLIM["fpn_channels"]
+    assert slim.roi_heads.box_head.fc7.out_features == L.SLIM["box_head_dim"] < full.roi_heads.box_head.fc7.out_features
+    assert slim.roi_heads.box_predictor.cls_score.in_features == L.SLIM["box_head_dim"]
+    masks = arch.startswith("maskrcnn")
+    if masks:
+        assert slim.roi_heads.mask_predictor.conv5_mask.out_channels == L.SLIM_MASK_HEAD
+    assert sum(p.numel() for p in slim.parameters()) < 0.5 * sum(p.numel() for p in full.parameters())
+
+    images, targets = _images_and_targets(masks=masks)
+    slim.train()
+    losses = slim(images, targets)
+    assert all(torch.isfinite(v) for v in losses.values()) and ("loss_mask" in losses) == masks
+    sum(losses.values()).backward()
+    # a version of it (arch in its meta) loads into the same architecture and computes the same
+    state = {k: v.clone() for k, v in slim.state_dict().items()}
+    again = model_from_version(state, {"arch": arch, "classes": ["a", "b"]}, min_size=128).eval()
+    slim.eval()
+    with torch.no_grad():
+        a, b = slim(images[:1])[0], again(images[:1])[0]
+    assert torch.allclose(a["scores"], b["scores"]) and torch.allclose(a["boxes"], b["boxes"])
+    save_torchscript(wrap(again, "masks" if masks else "boxes"), tmp_path / "model.pt")  # exports like the others
+    assert (tmp_path / "model.pt").stat().st_size > 1e6

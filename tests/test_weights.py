@@ -86,3 +86,9 @@ def test_mask_projects_get_their_own_starting_weights(tmp_path):
     assert coco.source == "random" and "maskrcnn_lite0_fpn" in coco.warnings[0]
     with pytest.raises(ValueError, match="boxes architecture"):
         resolve_starting_weights("fasterrcnn_lite0_fpn", task="masks")
+
+
+@pytest.mark.parametrize("arch,task", [("fasterrcnn_lite0_slim", "boxes"), ("maskrcnn_lite0_slim", "masks")])
+def test_slim_lite0_starts_from_the_offline_imagenet_body(arch, task):
+    weights = resolve_starting_weights(arch, download=False, task=task)
+    assert (weights.arch, weights.source) == (arch, "imagenet-lite0") and not weights.warnings

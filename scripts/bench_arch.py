@@ -1,0 +1,244 @@
+"""Where the detector's time goes, and what each architecture lever saves, in one run (CPU).
+
+    python scripts/bench_arch.py [--boxes ../shared/datasets/bccd] [--masks ../shared/datasets/building_facades]
+                                 [--steps 8] [--runs 20] [--skip-profile] [--skip-levers]
+
+**Profile** (today's offline defaults, ``fasterrcnn_lite0_fpn`` and ``maskrcnn_lite0_fpn``, at the working size,
+min_size 320): per module, the wall time of an inference forward (a 640x480 BCCD photo; a facade photo for the
+mask model) and of a training step's forward (batch 2, full mode), timed with forward hooks on the modules, and
+the GFLOP of that forward (``torch.utils.flop_counter``; it counts convolutions and matrix products, not
+torchvision's RoIAlign and NMS). The backward is reported as one figure (the step minus its forward): its split by
+module is not measurable on a CPU without distorting it, and the flop counter's backward attribution is not
+trustworthy (it put 7x the forward's FLOPs there); for the convolutions and linear layers a backward costs about
+twice their forward.
+
+**Levers**: variants of the Lite0 detector, one change at a time and then combined, measured side by side in
+rounds (variant A, B, C..., A, B, C...) so drift in machine speed hits all alike: the inference forward's median,
+and the median training step (batch 2) in heads mode (body frozen) and full mode. The images and targets go
+through live training's own code (``training.data.load_example``, ``augment``, scale jitter). Forward time does
+not depend on what the random heads learned except for post-processing, which is in every variant alike.
+
+Run on a quiet machine; the figures to quote are the ratios to "today" within the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from backend.model_store.lite0 import build_lite0_fasterrcnn, build_lite0_maskrcnn  # noqa: E402
+from backend.training.data import load_example  # noqa: E402
+from backend.training.engine import sgd  # noqa: E402
+from backend.training.modes import apply_mode, body_trainable, working_limit  # noqa: E402
+from backend.training.transforms import augment, scale_jitter  # noqa: E402
+from scripts.bench_predict import bench_image  # noqa: E402
+from scripts.bench_steps import LocalFiles, records  # noqa: E402
+
+MODULES = ("transform", "backbone.body", "backbone.fpn", "rpn.head", "rpn", "roi_heads.box_roi_pool",
+           "roi_heads.box_head", "roi_heads.box_predictor", "roi_heads.mask_roi_pool", "roi_heads.mask_head",
+           "roi_heads.mask_predictor", "roi_heads")
+
+BOX_VARIANTS = {
+    "today": {},
+    "fpn 128": {"fpn_channels": 128},
+    "box head 512": {"box_head_dim": 512},
+    "test proposals 150": {"rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 150},
+    "fpn 128 + box head 512": {"fpn_channels": 128, "box_head_dim": 512},
+    "fpn 96 + box head 256": {"fpn_channels": 96, "box_head_dim": 256},
+    "fpn 64 + box head 256": {"fpn_channels": 64, "box_head_dim": 256},
+}
+MASK_VARIANTS = {
+    "today": {},
+    "fpn 128 + box head 512": {"fpn_channels": 128, "box_head_dim": 512},
+    "fpn 128 + box head 512 + mask head 64": {"fpn_channels": 128, "box_head_dim": 512, "mask_head_channels": 64},
+    "fpn 96 + box head 256 + mask head 64": {"fpn_channels": 96, "box_head_dim": 256, "mask_head_channels": 64},
+}
+
+
+def build(task: str, classes: list[str], kwargs: dict):
+    torch.manual_seed(0)
+    builder = build_lite0_maskrcnn if task == "masks" else build_lite0_fasterrcnn
+    model = builder(len(classes) + 1, pretrained_backbone=True, min_size=320, max_size=640, **kwargs)
+    trainable = body_trainable(model)
+    scale_jitter(model, 320)
+    return model, trainable
+
+
+def photo(task: str) -> torch.Tensor:
+    """``bench_predict.py``'s 640x480 photo: a BCCD one, or a facade for the mask model."""
+    from io import BytesIO
+
+    from PIL import Image
+    from torchvision.transforms.functional import to_tensor
+
+    return to_tensor(Image.open(BytesIO(bench_image(None, masks=task == "masks"))).convert("RGB"))
+
+
+class ModuleTimer:
+    """Wall seconds spent inside named submodules (forward hooks); nested modules are counted in both."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.handles = []
+        modules = dict(model.named_modules())
+        for name in MODULES:
+            if name in modules:
+                self.handles.append(modules[name].register_forward_pre_hook(self._start(name)))
+                self.handles.append(modules[name].register_forward_hook(self._stop(name)))
+        self.started: dict[str, float] = {}
+
+    def _start(self, name):
+        def hook(module, args):
+            self.started[name] = time.perf_counter()
+        return hook
+
+    def _stop(self, name):
+        def hook(module, args, output):
+            self.seconds[name] += time.perf_counter() - self.started.pop(name)
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def batches(recs, classes, task, limit, batch: int, count: int):
+    fetcher = LocalFiles()
+    for step in range(count):
+        chosen = [recs[(step * batch + i) % len(recs)] for i in range(batch)]
+        torch.manual_seed(step)  # the same augmentation for every variant
+        yield [augment(*load_example(r, fetcher, tuple(classes), task, limit)) for r in chosen]
+
+
+def train_step(model, optimizer, examples) -> float:
+    start = time.perf_counter()
+    losses = model([e[0] for e in examples], [e[1] for e in examples])
+    optimizer.zero_grad()
+    sum(losses.values()).backward()
+    optimizer.step()
+    return time.perf_counter() - start
+
+
+def profile(task: str, data: Path, image: torch.Tensor, runs: int, steps: int) -> str:
+    classes, recs = records(data, 20)
+    model, trainable = build(task, classes, {})
+    apply_mode(model, "full", trainable)
+    optimizer = sgd(model, 0.01)
+    examples = list(batches(recs, classes, task, working_limit(model), 2, steps + 2))
+    model.eval()
+    with torch.inference_mode():
+        for _ in range(3):
+            model([image])
+        timer = ModuleTimer(model)
+        for _ in range(runs):
+            model([image])
+    infer = {k: v / runs for k, v in timer.seconds.items()}
+    timer.close()
+    model.train()
+    for batch in examples[:2]:
+        train_step(model, optimizer, batch)
+    timer = ModuleTimer(model)
+    total = [train_step(model, optimizer, batch) for batch in examples[2:]]
+    fwd = {k: v / steps for k, v in timer.seconds.items()}
+    timer.close()
+    with FlopCounterMode(display=False) as forward_only:
+        model([e[0] for e in examples[0]], [e[1] for e in examples[0]])
+
+    def gflop(counter, name):
+        counts = counter.get_flop_counts()
+        key = next((k for k in counts if k.endswith("." + name) or k == name), None)
+        return sum(counts[key].values()) / 1e9 if key else 0.0
+
+    top = type(model).__name__
+    step = statistics.median(total)
+    lines = [f"{top} ({task}): inference forward {sum(infer.get(k, 0) for k in ('transform', 'backbone.body', 'backbone.fpn', 'rpn', 'roi_heads')) * 1e3:.0f} ms "
+             f"(modules), training step median {step:.3f} s (batch 2, full mode)", "",
+             "| module | inference forward ms | training forward ms | training forward GFLOP |",
+             "|---|---:|---:|---:|"]
+    for name in MODULES:
+        if name not in infer and name not in fwd:
+            continue
+        lines.append(f"| {name} | {infer.get(name, 0) * 1e3:.1f} | {fwd.get(name, 0) * 1e3:.1f} | "
+                     f"{gflop(forward_only, name):.2f} |")
+    lines.append(f"| whole model | | | {gflop(forward_only, 'Global'):.2f} |")
+    lines.append(f"\nbackward + optimizer: {step - sum(fwd.get(k, 0) for k in ('transform', 'backbone.body', 'backbone.fpn', 'rpn', 'roi_heads')):.3f} s of the step")
+    return "\n".join(lines)
+
+
+def levers(task: str, data: Path, image: torch.Tensor, variants: dict, runs: int, steps: int) -> str:
+    classes, recs = records(data, 20)
+    built = {}
+    for name, kwargs in variants.items():
+        model, trainable = build(task, classes, kwargs)
+        built[name] = (model, trainable, sgd(model, 0.01))
+    limit = working_limit(next(iter(built.values()))[0])
+    examples = list(batches(recs, classes, task, limit, 2, steps + 2))
+    times = {name: {"infer": [], "heads": [], "full": []} for name in variants}
+    for _ in range(2):  # warm-up
+        for name, (model, _, _) in built.items():
+            model.eval()
+            with torch.inference_mode():
+                model([image])
+    for _ in range(runs):
+        for name, (model, _, _) in built.items():
+            with torch.inference_mode():
+                start = time.perf_counter()
+                model([image])
+                times[name]["infer"].append(time.perf_counter() - start)
+    for mode in ("heads", "full"):
+        for name, (model, trainable, optimizer) in built.items():
+            apply_mode(model, mode, trainable)
+            model.train()
+        for i, batch in enumerate(examples):
+            for name, (model, _, optimizer) in built.items():
+                seconds = train_step(model, optimizer, batch)
+                if i >= 2:
+                    times[name][mode].append(seconds)
+    base = {k: statistics.median(v) for k, v in times["today"].items()}
+    lines = [f"{task}: {runs} forwards, {steps} steps per mode after warm-up", "",
+             "| variant | parameters (M) | inference forward ms | x today | heads step s | x today | full step s | x today |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, (model, _, _) in built.items():
+        m = {k: statistics.median(v) for k, v in times[name].items()}
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        lines.append(f"| {name} | {params:.1f} | {m['infer'] * 1e3:.0f} | {m['infer'] / base['infer']:.2f} | "
+                     f"{m['heads']:.3f} | {m['heads'] / base['heads']:.2f} | {m['full']:.3f} | {m['full'] / base['full']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--boxes", type=Path, default=ROOT.parent / "shared/datasets/bccd")
+    parser.add_argument("--masks", type=Path, default=ROOT.parent / "shared/datasets/building_facades")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, one per core)")
+    parser.add_argument("--skip-profile", action="store_true")
+    parser.add_argument("--skip-levers", action="store_true")
+    parser.add_argument("--only", choices=("boxes", "masks"))
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for task, data, variants in (("boxes", args.boxes, BOX_VARIANTS), ("masks", args.masks, MASK_VARIANTS)):
+        if args.only and task != args.only:
+            continue
+        image = photo(task)
+        if not args.skip_profile:
+            print("\n" + profile(task, data, image, args.runs, args.steps), flush=True)
+        if not args.skip_levers:
+            print("\n" + levers(task, data, image, variants, args.runs, args.steps), flush=True)
+
+
+if __name__ == "__main__":
+    main()
