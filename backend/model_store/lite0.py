@@ -211,12 +211,15 @@ def build_lite0_maskrcnn(num_classes: int, pretrained_backbone: bool = True, min
     # A mask head of 128 channels instead of torchvision's 256: its four 3x3 convs on every positive RoI are
     # most of a Mask R-CNN step on a CPU (scripts/bench_steps.py: 2.2 s -> 1.35 s per step at batch 2 on
     # building facades); few-shot live training gains nothing from the wider head.
-    width = mask_head_channels
+    def mask_parts():
+        return {"mask_head": MaskRCNNHeads(fpn_channels, (mask_head_channels,) * 4, 1),
+                "mask_predictor": quiet_mask_logits(MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes))}
+
     heads = _box_head(fpn_channels, box_head_dim, num_classes, kwargs)
-    mask = {"mask_head": MaskRCNNHeads(fpn_channels, (width,) * 4, 1),
-            "mask_predictor": quiet_mask_logits(MaskRCNNPredictor(width, width, num_classes))}
-    if heads["num_classes"] is None:  # explicit heads: MaskRCNN then builds no default mask predictor either
-        return MaskRCNN(backbone, **heads, **mask, **_detector_kwargs(min_size, max_size, kwargs))
+    if heads["num_classes"] is None:  # explicit box heads: MaskRCNN then needs explicit mask parts too
+        return MaskRCNN(backbone, **heads, **mask_parts(), **_detector_kwargs(min_size, max_size, kwargs))
+    # built after the detector, as always, so that a seeded build of the original architecture is unchanged
     model = MaskRCNN(backbone, **heads, **_detector_kwargs(min_size, max_size, kwargs))
-    model.roi_heads.mask_head, model.roi_heads.mask_predictor = mask["mask_head"], mask["mask_predictor"]
+    parts = mask_parts()
+    model.roi_heads.mask_head, model.roi_heads.mask_predictor = parts["mask_head"], parts["mask_predictor"]
     return model
