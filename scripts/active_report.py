@@ -67,6 +67,9 @@ def report(rows: list[dict], budgets: list[int], strategies: list[str], metric: 
             draws.append(labels_to_reach(curves[s][idx].mean(0), budgets, curves["random"][idx, -1].mean()))
         interval = (f"[{_fmt(np.quantile(draws, 0.025, method='inverted_cdf'), budgets)}, "
                     f"{_fmt(np.quantile(draws, 0.975, method='inverted_cdf'), budgets)}]" if draws else "")  # inf: never
+        if target is None:  # no random in these runs: nothing to compare with (merge one with --report)
+            lines.append(f"| {s} | {auc[s]:.3f} | - | - |")
+            continue
         lines.append(f"| {s} | {auc[s]:.3f} | {diff.mean():+.3f} ± {se:.3f} | {_fmt(reach, budgets)} {interval} |")
     return "\n".join(lines)
 
