@@ -3,10 +3,11 @@
     python scripts/bench_arch.py [--boxes ../shared/datasets/bccd] [--masks ../shared/datasets/building_facades]
                                  [--steps 8] [--runs 20] [--skip-profile] [--skip-levers]
 
-**Profile** (today's offline defaults, ``fasterrcnn_lite0_fpn`` and ``maskrcnn_lite0_fpn``, at the working size,
-min_size 320): per module, the wall time of an inference forward (a 640x480 BCCD photo; a facade photo for the
-mask model) and of a training step's forward (batch 2, full mode), timed with forward hooks on the modules, and
-the GFLOP of that forward (``torch.utils.flop_counter``; it counts convolutions and matrix products, not
+**Profile** (today's offline defaults, ``fasterrcnn_lite0_fpn`` and ``maskrcnn_lite0_fpn``): per module, the wall
+time of an inference forward at the served size (min_size 320; a 640x480 BCCD photo, a facade photo for the mask
+model) and of a training step's forward (batch 2, full mode, live training's scale jitter 256-384), timed with
+forward hooks on the modules, and the GFLOP of one training forward at 320
+(``torch.utils.flop_counter``; it counts convolutions and matrix products, not
 torchvision's RoIAlign and NMS). The backward is reported as one figure (the step minus its forward): its split by
 module is not measurable on a CPU without distorting it, and the flop counter's backward attribution is not
 trustworthy (it put 7x the forward's FLOPs there); for the convolutions and linear layers a backward costs about
@@ -15,8 +16,11 @@ twice their forward.
 **Levers**: variants of the Lite0 detector, one change at a time and then combined, measured side by side in
 rounds (variant A, B, C..., A, B, C...) so drift in machine speed hits all alike: the inference forward's median,
 and the median training step (batch 2) in heads mode (body frozen) and full mode. The images and targets go
-through live training's own code (``training.data.load_example``, ``augment``, scale jitter). Forward time does
-not depend on what the random heads learned except for post-processing, which is in every variant alike.
+through live training's own code (``training.data.load_example``, ``augment``, scale jitter); step i of every
+variant draws the same scale and samples (seeded). Inference runs with no score threshold, so every variant
+post-processes (and for masks runs its mask head on) the same number of detections, whatever its untrained head
+scores: the mask figures are for a full 100 detections. Serving levers are timed on inference only, with their
+conversion time (the deep copy excluded).
 
 Run on a quiet machine; the figures to quote are the ratios to "today" within the run.
 """
@@ -82,13 +86,30 @@ MASK_VARIANTS = {
 }
 
 
+def for_serving(model):
+    """Eval at the served size (training's scale jitter ends at 384: /predict runs at 320, as a session publishes
+    it) and with no score threshold, so that every variant post-processes (and, for masks, runs the mask head on)
+    the same number of detections whatever its untrained head scores."""
+    model.transform.min_size = (320,)
+    model.roi_heads.score_thresh = 0.0
+    return model.eval()
+
+
+def for_training(model, fixed: bool = False):
+    """Training's scales (320 jittered as live training does), or 320 alone (``fixed``: the flop count)."""
+    if fixed:
+        model.transform.min_size = (320,)
+    else:
+        scale_jitter(model, 320)
+    return model.train()
+
+
 def build(task: str, classes: list[str], kwargs: dict):
     torch.manual_seed(0)
     builder = build_lite0_maskrcnn if task == "masks" else build_lite0_fasterrcnn
     model = builder(len(classes) + 1, pretrained_backbone=True, min_size=320, max_size=640, **kwargs)
     trainable = body_trainable(model)
-    scale_jitter(model, 320)
-    return model, trainable
+    return for_training(model), trainable  # jittered first: working_limit() then sizes the examples as live training
 
 
 def photo(task: str) -> torch.Tensor:
@@ -152,7 +173,7 @@ def profile(task: str, data: Path, image: torch.Tensor, runs: int, steps: int) -
     apply_mode(model, "full", trainable)
     optimizer = sgd(model, 0.01)
     examples = list(batches(recs, classes, task, working_limit(model), 2, steps + 2))
-    model.eval()
+    for_serving(model)
     with torch.inference_mode():
         for _ in range(3):
             model([image])
@@ -161,13 +182,19 @@ def profile(task: str, data: Path, image: torch.Tensor, runs: int, steps: int) -
             model([image])
     infer = {k: v / runs for k, v in timer.seconds.items()}
     timer.close()
-    model.train()
-    for batch in examples[:2]:
+    for_training(model)
+    for i, batch in enumerate(examples[:2]):
+        torch.manual_seed(1000 + i)
         train_step(model, optimizer, batch)
     timer = ModuleTimer(model)
-    total = [train_step(model, optimizer, batch) for batch in examples[2:]]
+    total = []
+    for i, batch in enumerate(examples[2:]):
+        torch.manual_seed(1002 + i)  # the scale jitter's draw and the RPN/RoI samplers
+        total.append(train_step(model, optimizer, batch))
     fwd = {k: v / steps for k, v in timer.seconds.items()}
     timer.close()
+    for_training(model, fixed=True)
+    torch.manual_seed(0)
     with FlopCounterMode(display=False) as forward_only:
         model([e[0] for e in examples[0]], [e[1] for e in examples[0]])
 
@@ -200,16 +227,18 @@ def levers(task: str, data: Path, image: torch.Tensor, variants: dict, runs: int
         built[name] = (model, trainable, sgd(model, 0.01))
     limit = working_limit(next(iter(built.values()))[0])
     examples = list(batches(recs, classes, task, limit, 2, steps + 2))
+    for model, _, _ in built.values():
+        for_serving(model)
     serving, convert = {}, {}
     for name, (source, transform) in SERVING.items():
         if source in built:
+            duplicate = copy.deepcopy(built[source][0])
             start = time.perf_counter()
-            serving[name] = transform(copy.deepcopy(built[source][0]).eval())
+            serving[name] = transform(duplicate)
             convert[name] = time.perf_counter() - start
     times = {name: {"infer": [], "heads": [], "full": []} for name in [*variants, *serving]}
     for _ in range(2):  # warm-up
         for name, (model, _, _) in built.items():
-            model.eval()
             with torch.inference_mode():
                 model([image])
     forwards = {**{name: m for name, (m, _, _) in built.items()}, **serving}
@@ -218,7 +247,6 @@ def levers(task: str, data: Path, image: torch.Tensor, variants: dict, runs: int
             model([image])
     for _ in range(runs):
         for name, model in forwards.items():
-            model.eval()
             with torch.inference_mode():
                 start = time.perf_counter()
                 model([image])
@@ -226,9 +254,10 @@ def levers(task: str, data: Path, image: torch.Tensor, variants: dict, runs: int
     for mode in ("heads", "full"):
         for name, (model, trainable, optimizer) in built.items():
             apply_mode(model, mode, trainable)
-            model.train()
+            for_training(model)
         for i, batch in enumerate(examples):
             for name, (model, _, optimizer) in built.items():
+                torch.manual_seed(1000 + i)  # the same scale draw and sampling for every variant at step i
                 seconds = train_step(model, optimizer, batch)
                 if i >= 2:
                     times[name][mode].append(seconds)
