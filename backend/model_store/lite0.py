@@ -183,10 +183,10 @@ def _detector_kwargs(min_size: int, max_size: int, kwargs: dict) -> dict:
     return {**defaults, **kwargs}
 
 
-def _box_head(channels: int, box_head_dim: int, num_classes: int, kwargs: dict) -> dict:
+def _box_head(channels: int, box_head_dim: int, num_classes: int) -> dict:
     """torchvision's two-layer box head and predictor, ``box_head_dim`` wide (torchvision: 1024); passed
     explicitly only when it differs, so that the original architectures build exactly as before."""
-    if box_head_dim == 1024 or "box_head" in kwargs:
+    if box_head_dim == 1024:
         return {"num_classes": num_classes}
     resolution = 7  # torchvision's box RoIAlign output
     return {"box_head": TwoMLPHead(channels * resolution**2, box_head_dim),
@@ -198,7 +198,7 @@ def build_lite0_fasterrcnn(num_classes: int, pretrained_backbone: bool = True, m
                            box_head_dim: int = 1024, **kwargs) -> FasterRCNN:
     """Faster R-CNN on Lite0+FPN; ``num_classes`` includes background, ``kwargs`` go to FasterRCNN."""
     backbone = build_lite0_backbone(pretrained_backbone, trainable_stages, fpn_channels)
-    return FasterRCNN(backbone, **_box_head(fpn_channels, box_head_dim, num_classes, kwargs),
+    return FasterRCNN(backbone, **_box_head(fpn_channels, box_head_dim, num_classes),
                       **_detector_kwargs(min_size, max_size, kwargs))
 
 
@@ -212,10 +212,11 @@ def build_lite0_maskrcnn(num_classes: int, pretrained_backbone: bool = True, min
     # most of a Mask R-CNN step on a CPU (scripts/bench_steps.py: 2.2 s -> 1.35 s per step at batch 2 on
     # building facades); few-shot live training gains nothing from the wider head.
     def mask_parts():
-        return {"mask_head": MaskRCNNHeads(fpn_channels, (mask_head_channels,) * 4, 1),
-                "mask_predictor": quiet_mask_logits(MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes))}
+        width = mask_head_channels
+        return {"mask_head": MaskRCNNHeads(fpn_channels, (width,) * 4, 1),
+                "mask_predictor": quiet_mask_logits(MaskRCNNPredictor(width, width, num_classes))}
 
-    heads = _box_head(fpn_channels, box_head_dim, num_classes, kwargs)
+    heads = _box_head(fpn_channels, box_head_dim, num_classes)
     if heads["num_classes"] is None:  # explicit box heads: MaskRCNN then needs explicit mask parts too
         return MaskRCNN(backbone, **heads, **mask_parts(), **_detector_kwargs(min_size, max_size, kwargs))
     # built after the detector, as always, so that a seeded build of the original architecture is unchanged
