@@ -105,3 +105,33 @@ def test_max_loaded_models_setting():
         assert "MAX_LOADED_MODELS" in str(exc)
     else:
         raise AssertionError("MAX_LOADED_MODELS=0 accepted")
+
+
+def test_served_models_use_the_channels_last_layout_on_a_cpu_and_answer_as_the_plain_model(tmp_path, image_server):
+    """/predict runs the version in channels-last memory (faster convolutions on a CPU) with the same weights:
+    its detections match the same version run in the default layout."""
+    from backend.inference.predictor import RAW_SCORE_FLOOR
+    from backend.labelstudio.convert import image_to_tensor
+    from backend.model_store.models import model_from_version
+
+    app = make_app(tmp_path)
+    pool = app.extensions["livetrain"].predictor.pool
+    import io
+
+    from PIL import Image
+
+    png = shapes_image(1)[0]
+    url = image_server.add("/s.png", png)
+    assert app.test_client().post("/predict", json=payload("1", [url])).status_code == 200
+    served = pool._entries["1"].loaded.model
+    conv = next(m for m in served.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    state, meta = VersionStore(tmp_path, "1").load("proj1-v1")
+    plain = model_from_version(state, meta, 128).eval()
+    plain.roi_heads.score_thresh = RAW_SCORE_FLOOR
+    tensor = image_to_tensor(Image.open(io.BytesIO(png)).convert("RGB"))
+    with torch.inference_mode():
+        want, got = plain([tensor])[0], served([tensor])[0]
+    assert len(want["boxes"]) > 0 and torch.equal(want["labels"], got["labels"])
+    torch.testing.assert_close(got["boxes"], want["boxes"], atol=0.05, rtol=0)
+    torch.testing.assert_close(got["scores"], want["scores"], atol=1e-4, rtol=0)

@@ -21,7 +21,7 @@ from backend.inference.uncertainty import class_weights, detect_and_score
 from backend.labelstudio.convert import box_to_region, image_to_tensor, mask_to_regions, shrink
 from backend.labelstudio.images import ImageFetcher
 from backend.labelstudio.label_config import ControlTag, LabelConfig
-from backend.model_store.models import model_from_version, pick_device, size_kwargs, version_task
+from backend.model_store.models import for_inference, model_from_version, pick_device, size_kwargs, version_task
 from backend.model_store.versions import BASE_VERSION, VersionStore
 from backend.model_store.weights import StartingWeights
 
@@ -129,7 +129,7 @@ class ModelPool:
         if loaded is not None:
             if hasattr(loaded.model, "roi_heads"):
                 loaded.model.roi_heads.score_thresh = RAW_SCORE_FLOOR
-            loaded.model.to(self.device).eval()
+            for_inference(loaded.model, self.device)
         return _Entry(loaded, marker, control)
 
     def load_latest(self, project: str, control: ControlTag) -> LoadedModel | None:

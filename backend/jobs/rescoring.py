@@ -48,7 +48,7 @@ from backend.jobs.stream_state import StreamState
 from backend.labelstudio.client import LabelStudioClient, LabelStudioError, LabelStudioUnavailable
 from backend.labelstudio.images import ImageFetcher
 from backend.labelstudio.label_config import parse_label_config
-from backend.model_store.models import model_from_version, pick_device, version_task
+from backend.model_store.models import for_inference, model_from_version, pick_device, version_task
 from backend.model_store.stores import version_store
 from backend.model_store.versions import TYPICAL_VERSION
 from backend.settings import Settings
@@ -281,7 +281,7 @@ def _setup(settings: Settings, connection: redis.Redis, project: str, version: s
                              f"asks for {control.task}; the next training session makes a {control.task} version")
     model = model_from_version(state, meta, settings.min_size)
     model.roi_heads.score_thresh = RAW_SCORE_FLOOR  # as /predict serves it: the uncertainty sees every candidate
-    model.to(pick_device(settings.device)).eval()
+    for_inference(model, pick_device(settings.device))
     loaded = LoadedModel.from_version(model, version, meta)
     predictor = Predictor.from_settings(None, fetcher, settings, skip_annotated=False)
     return client, control, loaded, predictor

@@ -32,7 +32,7 @@ from backend.errors import LivetrainError
 from backend.labelstudio.annotations import LabeledImage
 from backend.labelstudio.images import ImageFetcher
 from backend.metrics.quality import Quality
-from backend.model_store.models import model_for_round, model_from_version, version_task
+from backend.model_store.models import for_inference, model_for_round, model_from_version, version_task
 from backend.model_store.stores import version_store
 from backend.model_store.versions import BASE_VERSION
 from backend.model_store.weights import StartingWeights
@@ -354,7 +354,7 @@ class TrainingSession:
         model.transform.min_size = (self.base_size,)  # eval uses min_size[-1]: not a training jitter scale
         for param in model.parameters():
             param.requires_grad_(False)
-        return model.to(self.device).eval()
+        return for_inference(model, self.device)
 
     def status(self) -> dict:
         """What /status shows of the session."""
