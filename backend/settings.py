@@ -96,6 +96,7 @@ class Settings:
     mask_output: str = field(default="instance", metadata={"env": "MASK_OUTPUT", "doc": "Mask projects: `instance` (one region per detected object, with its score) or `semantic` (one region per class: the union of its objects' masks, scored by the best of them)."})
     polygon_tolerance: float = field(default=1.5, metadata={"env": "POLYGON_TOLERANCE", "doc": "PolygonLabels predictions: contours are simplified with at most this tolerance, in image pixels (a part is traced finer when that tolerance would lose more than 3% IoU, e.g. thin shapes)."})
     polygon_max_points: int = field(default=200, metadata={"env": "POLYGON_MAX_POINTS", "doc": "PolygonLabels predictions: at most this many points per polygon (the tolerance then grows until it fits; Label Studio slows down on polygons with thousands of points)."})
+    mask_min_part: float = field(default=0.1, metadata={"env": "MASK_MIN_PART", "doc": "Mask predictions (polygons and brush): an object keeps its largest connected part and every other part of at least this fraction of the largest one's area; smaller specks are dropped, so one object gives one region unless it really has several parts. 0 keeps every part."})
     predict_device: str = field(default="", metadata={"env": "PREDICT_DEVICE", "doc": "Where web processes run /predict: `auto`, `cpu` or `cuda`; empty = DEVICE. `cpu` keeps the web processes off the GPU that the training workers use."})
     max_loaded_models: int = field(default=8, metadata={"env": "MAX_LOADED_MODELS", "doc": "Project models each web process keeps in memory; the least recently used is dropped and loaded again at its project's next request."})
     predict_skip_annotated: bool = field(default=False, metadata={"env": "PREDICT_SKIP_ANNOTATED", "doc": "Don't auto-predict tasks that already have annotations: /predict answers them with an empty result (still one result per task)."})
@@ -140,6 +141,8 @@ class Settings:
             raise ValueError(f"MASK_ARCH={self.mask_arch!r} is not one of: {', '.join(MASK_ARCHITECTURES)}")
         if self.mask_output not in ("instance", "semantic"):
             raise ValueError("MASK_OUTPUT must be instance or semantic")
+        if not 0.0 <= self.mask_min_part <= 1.0:
+            raise ValueError(f"MASK_MIN_PART must be between 0 and 1, got {self.mask_min_part}")
         if self.polygon_tolerance <= 0 or self.polygon_max_points < 4:
             raise ValueError("POLYGON_TOLERANCE must be above 0 and POLYGON_MAX_POINTS at least 4")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):

@@ -8,6 +8,7 @@ import pytest
 from label_studio_sdk.converter.brush import encode_rle, mask2rle
 
 from backend.labelstudio.masks import (
+    drop_specks,
     mask_box,
     mask_iou,
     mask_to_polygons,
@@ -228,3 +229,31 @@ def test_mask_iou_and_box():
     assert mask_box(a) == (3.0, 5.0, 7.0, 10.0)
     with pytest.raises(ValueError):
         mask_iou(a, a[:5])
+
+
+def fragmented_object() -> np.ndarray:
+    """A predicted object as Mask R-CNN leaves it: a main part, a real second part (a third of its area), and
+    specks of 1-12 pixels around it, one touching a corner diagonally (8-connected: part of the main part)."""
+    mask = np.zeros((80, 100), dtype=bool)
+    mask[10:40, 10:50] = True  # main part: 1200 px
+    mask[50:70, 60:80] = True  # second part: 400 px
+    mask[5, 5] = mask[45, 20] = True
+    mask[2:5, 90:94] = True  # 12 px
+    mask[40, 50] = True  # diagonal to the main part's corner pixel (39, 49)
+    return mask
+
+
+def test_drop_specks_keeps_the_main_and_substantial_parts_only():
+    mask = fragmented_object()
+    kept = drop_specks(mask, 0.1)
+    assert kept.dtype == bool and kept.shape == mask.shape
+    assert kept[10:40, 10:50].all() and kept[50:70, 60:80].all() and kept[40, 50]
+    assert not kept[5, 5] and not kept[45, 20] and not kept[2:5, 90:94].any()
+    assert kept.sum() == 1200 + 400 + 1
+    assert len(mask_to_polygons(mask, 100, 80)) == 3 and len(mask_to_polygons(kept, 100, 80)) == 2  # 12 px speck gone
+    assert drop_specks(mask, 0.5).sum() == 1201  # the second part is a third of the main one
+    assert np.array_equal(drop_specks(mask, 0.0), mask)  # 0 keeps every part
+    assert not drop_specks(np.zeros((4, 4), bool), 0.1).any()
+    single = np.zeros((4, 4), dtype=np.uint8)
+    single[1, 1] = 1
+    assert np.array_equal(drop_specks(single, 0.1), single.astype(bool))  # one part: always kept

@@ -218,6 +218,41 @@ def test_polygon_brush_and_semantic_predictions(tmp_path, image_server):
     assert union.sum() == ring.sum() + rle_to_mask(brush[1]["value"]["rle"], 120, 160).sum()
 
 
+class SpeckledMask(torch.nn.Module):
+    """One detection whose 28x28 mask is a main block with two specks beside it, as a half-trained head leaves."""
+
+    def __init__(self):
+        super().__init__()
+        mask = torch.zeros(1, 28, 28)
+        mask[0, 4:20, 4:20] = 1.0
+        mask[0, 24:26, 24:26] = mask[0, 1:3, 24:26] = 1.0
+        self.masks = mask[None]
+
+    def forward(self, images):
+        return [{"boxes": torch.tensor([[10.0, 10.0, 70.0, 70.0]]), "labels": torch.tensor([2]),
+                 "scores": torch.tensor([0.9]), "masks": self.masks} for _ in images]
+
+
+def test_a_speckled_object_is_one_region_in_polygons_and_brush(tmp_path, image_server):
+    """MASK_MIN_PART: the specks a mask leaves around its object are dropped, in polygon and brush output;
+    0 keeps them (three polygons: the object and two specks)."""
+    url = image_server.add("/plain.png", exif_rotated_png())
+    fetcher = ImageFetcher(settings_for(tmp_path))
+    loaded = LoadedModel(SpeckledMask().eval(), "m-v1", LABELS)
+    tasks = [{"id": 1, "data": {"image": url}}]
+    assert len(Predictor(None, fetcher, 0.5, 100).predict_with(loaded, tasks, POLY)[0]["result"]) == 1
+    every_part = Predictor(None, fetcher, 0.5, 100, mask_min_part=0.0).predict_with(loaded, tasks, POLY)[0]["result"]
+    assert len(every_part) == 3
+    brush = Predictor(None, fetcher, 0.5, 100).predict_with(loaded, tasks, BRUSH)[0]["result"]
+    raw = Predictor(None, fetcher, 0.5, 100, mask_min_part=0.0).predict_with(loaded, tasks, BRUSH)[0]["result"]
+    kept, speckled = (rle_to_mask(r[0]["value"]["rle"], 120, 160) for r in (brush, raw))
+    import cv2
+
+    assert cv2.connectedComponents(kept.astype(np.uint8))[0] - 1 == 1
+    assert cv2.connectedComponents(speckled.astype(np.uint8))[0] - 1 == 3
+    assert kept.sum() > 0.9 * speckled.sum() and not (kept & ~speckled).any()
+
+
 # -- live training ---------------------------------------------------------------------------------------
 def mask_ap50(model, fetcher, image_server, seeds) -> float:
     """pycocotools' segm AP@0.5 of ``model`` on fresh generated images."""

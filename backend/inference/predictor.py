@@ -199,8 +199,9 @@ class Predictor:
 
     def __init__(self, pool: ModelPool | None, fetcher: ImageFetcher, score_threshold: float, max_detections: int,
                  uncertainty: str = "mean_confidence", skip_annotated: bool = False, mask_output: str = "instance",
-                 polygon_tolerance: float = 1.5, polygon_max_points: int = 200):
+                 polygon_tolerance: float = 1.5, polygon_max_points: int = 200, mask_min_part: float = 0.1):
         self.pool = pool
+        self.mask_min_part = mask_min_part
         self.mask_output = mask_output
         self.polygon_tolerance = polygon_tolerance
         self.polygon_max_points = polygon_max_points
@@ -224,7 +225,7 @@ class Predictor:
     def from_settings(cls, pool: ModelPool | None, fetcher: ImageFetcher, settings, skip_annotated: bool | None = None):
         return cls(pool, fetcher, settings.score_threshold, settings.max_detections, settings.uncertainty,
                    settings.predict_skip_annotated if skip_annotated is None else skip_annotated,
-                   settings.mask_output, settings.polygon_tolerance, settings.polygon_max_points)
+                   settings.mask_output, settings.polygon_tolerance, settings.polygon_max_points, settings.mask_min_part)
 
     def version(self, project: str, control: ControlTag | None = None) -> str:
         """The version /predict serves the project: its active one, unless that predicts another kind than
@@ -321,19 +322,27 @@ class Predictor:
     def _mask_regions(self, det: dict, kept: list, width: int, height: int, control: ControlTag) -> list[dict]:
         """Each kept detection's mask, pasted into its own box only (memory stays bounded whatever the image
         size), as polygon or brush regions: one per object (MASK_OUTPUT=instance), or one per class with the
-        union of its objects and the best of their scores (semantic)."""
+        union of its objects and the best of their scores (semantic). Each object's specks are dropped first
+        (MASK_MIN_PART), so an object is one region unless it really has several parts."""
+        from backend.labelstudio.masks import drop_specks  # OpenCV: loaded by the first mask prediction only
+
         shape = dict(tolerance=self.polygon_tolerance, max_points=self.polygon_max_points)
         boxes = det["boxes"]
+
+        def pasted(i: int):
+            crop, offset = paste_in_box(det["masks"][i], boxes[i], width, height)
+            return (drop_specks(crop, self.mask_min_part) if crop.size else crop), offset
+
         if self.mask_output == "instance":
             regions = []
             for i, name, score in kept:
-                crop, offset = paste_in_box(det["masks"][i], boxes[i], width, height)
+                crop, offset = pasted(i)
                 if crop.size:
                     regions += mask_to_regions(crop, offset, name, score, width, height, control, **shape)
             return regions
         classes: dict[str, tuple[np.ndarray, float]] = {}
         for i, name, score in kept:  # one full-size mask per class present, not per object
-            crop, (x0, y0) = paste_in_box(det["masks"][i], boxes[i], width, height)
+            crop, (x0, y0) = pasted(i)
             union, best = classes.get(name) or (np.zeros((height, width), dtype=bool), score)
             union[y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]] |= crop
             classes[name] = (union, max(best, score))

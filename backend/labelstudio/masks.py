@@ -154,6 +154,22 @@ def mask_to_polygons(mask: np.ndarray, width: int, height: int, offset=(0, 0), t
     return polygons
 
 
+def drop_specks(mask: np.ndarray, min_part: float) -> np.ndarray:
+    """``mask`` (bool) with only the parts a person would draw: its largest connected part (8-connectivity) and
+    every other part of at least ``min_part`` times the largest one's area. A predicted mask often leaves a few
+    pixels here and there around the object; each would otherwise become a region of its own (a polygon per
+    part) that the annotator has to delete. ``min_part`` 0 keeps every part."""
+    binary = (np.asarray(mask) > 0).astype(np.uint8)
+    if min_part <= 0 or not binary.any():
+        return binary.astype(bool)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    if count <= 2:  # background + one part: nothing to drop
+        return binary.astype(bool)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    keep = np.concatenate([[False], areas >= min_part * areas.max()])
+    return keep[labels]
+
+
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     """IoU of two bool masks of equal shape (0.0 when both are empty)."""
     a, b = np.asarray(a) != 0, np.asarray(b) != 0
