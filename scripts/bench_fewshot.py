@@ -35,11 +35,13 @@ from backend.training.coco import load_coco  # noqa: E402
 from backend.training.engine import TrainState, sgd, train_steps, warmup_cosine  # noqa: E402
 from backend.training.transforms import augment  # noqa: E402
 
-MODELS = {
-    "lite0_pretrained": ("fasterrcnn_lite0_fpn", True),
-    "lite0_slim": ("fasterrcnn_lite0_slim", True),
-    "lite0_random": ("fasterrcnn_lite0_fpn", False),
-    "mobilenet_random": ("fasterrcnn_mobilenet_v3_large_fpn", False),
+MODELS = {  # name -> (architecture, ImageNet body, builder widths that differ from the architecture's)
+    "lite0_pretrained": ("fasterrcnn_lite0_fpn", True, {}),
+    "lite0_slim": ("fasterrcnn_lite0_slim", True, {}),
+    "lite0_fpn128": ("fasterrcnn_lite0_fpn", True, {"fpn_channels": 128}),
+    "lite0_box512": ("fasterrcnn_lite0_fpn", True, {"box_head_dim": 512}),
+    "lite0_random": ("fasterrcnn_lite0_fpn", False, {}),
+    "mobilenet_random": ("fasterrcnn_mobilenet_v3_large_fpn", False, {}),
 }
 
 
@@ -66,21 +68,30 @@ def predict_ms(model, image, runs: int = 15) -> float:
 
 
 def run(name: str, train, test, num_classes: int, args) -> dict:
-    arch, pretrained = MODELS[name]
+    arch, pretrained, widths = MODELS[name]
     torch.manual_seed(args.seed)
+    random.seed(args.seed)  # augment() draws flips and colour from Python's random: the same draws for every model
     model = build_detector(arch, num_classes + 1, pretrained_backbone=pretrained, min_size=320, max_size=640,
-                           box_batch_size_per_image=128)
+                           box_batch_size_per_image=128, **widths)
     optimizer = sgd(model, args.lr)
     state = TrainState(model, optimizer, warmup_cosine(optimizer, args.iters, min(50, args.iters // 5)), args.iters)
     start = time.perf_counter()
     train_steps(state, batches(train, 2, args.seed), torch.device("cpu"))
     train_s = time.perf_counter() - start
     scores = evaluate_map(model, test, num_classes)
+    extra = {}
+    if args.test_proposals:  # the same trained model served with fewer proposals (a serving-only lever)
+        rpn = model.rpn
+        saved = dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n)
+        rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"] = 2 * args.test_proposals, args.test_proposals
+        fewer = evaluate_map(model, test, num_classes)
+        rpn._pre_nms_top_n, rpn._post_nms_top_n = saved
+        extra = {"test_proposals": args.test_proposals, "map50_fewer": fewer["map50"], "map_fewer": fewer["map"]}
     return {
         "model": name, "images": len(train), "iters": args.iters,
         "map50": scores["map50"], "map": scores["map"], "ap50_per_class": scores["ap50_per_class"],
         "predict_ms": predict_ms(model, test[0].load()), "train_img_s": state.images_seen / train_s,
-        "final_loss": state.last_losses.get("loss"),
+        "final_loss": state.last_losses.get("loss"), "seed": args.seed, **extra,
     }
 
 
@@ -93,6 +104,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--test-proposals", type=int, default=0,
+                        help="also evaluate each trained model with this many RPN proposals at test time")
     parser.add_argument("--out", default="", help="also write the rows as JSON here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

@@ -4,6 +4,11 @@ measured in one run. Prints the ratio; the target is <= 1.25 on CPU.
 
     python scripts/bench_predict.py [--image PATH] [--runs 30] [--arch fasterrcnn_mobilenet_v3_large_320_fpn]
     python scripts/bench_predict.py --arch maskrcnn_lite0_fpn [--output polygons|brush] [--version DIR]
+    python scripts/bench_predict.py --arch fasterrcnn_lite0_slim --compare fasterrcnn_lite0_fpn
+
+The bare forward runs the model as the server does (channels-last memory on a CPU). ``--compare ARCH`` also times
+that architecture's bare forward (its starting model, the server's score floor, the default memory layout: as it
+was served before) in the same interleaved loop: a new default against the previous one, side by side.
 
 Without --image it uses a BCCD photo from ../shared/datasets when present, else a generated picture.
 The two are interleaved (one /predict, then one bare forward, repeated) so that drift in the machine's
@@ -44,7 +49,7 @@ from backend.inference.predictor import RAW_SCORE_FLOOR, LoadedModel, Predictor 
 from backend.labelstudio.convert import image_to_tensor  # noqa: E402
 from backend.labelstudio.label_config import parse_label_config  # noqa: E402
 from backend.model_store.architectures import task_of  # noqa: E402
-from backend.model_store.models import model_from_version  # noqa: E402
+from backend.model_store.models import for_inference, model_from_version  # noqa: E402
 from backend.model_store.versions import VersionStore  # noqa: E402
 from backend.model_store.weights import resolve_starting_weights  # noqa: E402
 from backend.simulation.processes import LivetrainServer  # noqa: E402
@@ -96,6 +101,15 @@ def serve_file(body: bytes) -> tuple[http.server.ThreadingHTTPServer, str]:
     return httpd, f"http://127.0.0.1:{httpd.server_address[1]}/bench.jpg"
 
 
+def starting_model(arch: str, classes: list[str]) -> tuple[str, torch.nn.Module]:
+    """``arch``'s starting model (new heads for ``classes``), as a first training round builds it."""
+    task = "masks" if arch != "auto" and task_of(arch) == "masks" else "boxes"
+    weights = resolve_starting_weights(arch, os.environ.get("WEIGHTS_PATH", ""), os.environ.get("WEIGHTS_SHA256", ""),
+                                       download=os.environ.get("DOWNLOAD_WEIGHTS", "true").lower() != "false", task=task)
+    torch.manual_seed(0)
+    return weights.arch, weights.build(len(classes) + 1)
+
+
 def publish_version(model_dir: str, arch: str, version: str | None = None):
     """Publish one version for project 1: a trained ``version`` directory, else the starting model (new head)
     as a training round would; return (architecture, the same model as the server will load it, classes)."""
@@ -105,21 +119,19 @@ def publish_version(model_dir: str, arch: str, version: str | None = None):
         meta = json.loads((Path(version) / "meta.json").read_text())
         name = store.publish(trained, {k: meta[k] for k in ("arch", "classes", "task") if k in meta}, "bench")
     else:
-        task = "masks" if arch != "auto" and task_of(arch) == "masks" else "boxes"
-        weights = resolve_starting_weights(arch, os.environ.get("WEIGHTS_PATH", ""), os.environ.get("WEIGHTS_SHA256", ""),
-                                           download=os.environ.get("DOWNLOAD_WEIGHTS", "true").lower() != "false", task=task)
         classes = ["WBC", "RBC", "Platelets"]
-        torch.manual_seed(0)
-        name = store.publish(weights.build(len(classes) + 1).state_dict(), {"arch": weights.arch, "classes": classes}, "bench")
+        built_arch, model = starting_model(arch, classes)
+        name = store.publish(model.state_dict(), {"arch": built_arch, "classes": classes}, "bench")
     state, meta = store.load(name)
-    model = model_from_version(state, meta).eval()
+    model = for_inference(model_from_version(state, meta), torch.device("cpu"))  # as the server runs it
     model.roi_heads.score_thresh = RAW_SCORE_FLOOR  # the server's post-processing
     return meta["arch"], model, meta["classes"]
 
 
-def measure(url: str, args, body: bytes) -> tuple[str, list[float], list[float], list[float], int]:
+def measure(url: str, args, body: bytes) -> tuple[str, list[float], list[float], list[float], int, list[float]]:
     """Alternate one /predict and one bare forward (+ mask post-processing), so drift in machine speed hits
-    both alike. Returns (arch, /predict times, forward times, post-processing times, regions per answer)."""
+    both alike. Returns (arch, /predict times, forward times, post-processing times, regions per answer,
+    ``--compare`` forward times)."""
     image = Image.open(io.BytesIO(body)).convert("RGB")
     tensor = image_to_tensor(image)
     with tempfile.TemporaryDirectory() as model_dir:
@@ -128,6 +140,10 @@ def measure(url: str, args, body: bytes) -> tuple[str, list[float], list[float],
         config = mask_config(args.output, classes) if masks else CONFIG
         control = parse_label_config(config).primary
         post = Predictor(None, None, args.score_threshold, 100)  # the server's post-processing, in process
+        other = None
+        if args.compare:  # another architecture's bare forward on the same image, in the default memory layout (as
+            other = starting_model(args.compare, classes)[1].eval()  # served before channels-last serving)
+            other.roi_heads.score_thresh = RAW_SCORE_FLOOR
         loaded = LoadedModel(model, "bench", tuple(classes))
         # the server finds the same starting weights as publish_version() above
         env = {"MODEL_ARCH" if not masks else "MASK_ARCH": args.arch if not args.version else arch,
@@ -140,7 +156,7 @@ def measure(url: str, args, body: bytes) -> tuple[str, list[float], list[float],
             base = server.url + "/predict"
             payload = {"tasks": [{"id": 1, "data": {"image": url}}], "project": "1.1", "label_config": config}
             session = requests.Session()
-            http_times, forward_times, post_times = [], [], []
+            http_times, forward_times, post_times, other_times = [], [], [], []
             regions = 0
             with torch.inference_mode():
                 for i in range(args.runs + 3):  # 3 warm-ups: the server builds its model, fills the image cache
@@ -157,11 +173,16 @@ def measure(url: str, args, body: bytes) -> tuple[str, list[float], list[float],
                     post._to_prediction(det, 1.0, image.size, control, loaded, None, None)
                     post_s = time.perf_counter() - start
                     time.sleep(QUIET_S)
+                    if other is not None:
+                        start = time.perf_counter()
+                        forward(other, [tensor])
+                        other_times.append(time.perf_counter() - start)
+                        time.sleep(QUIET_S)
                     if i >= 3:
                         http_times.append(http_s)
                         forward_times.append(forward_s)
                         post_times.append(post_s)
-            return arch, http_times, forward_times, post_times, regions
+            return arch, http_times, forward_times, post_times, regions, other_times[3:]
         finally:
             server.stop()
 
@@ -174,11 +195,13 @@ def main() -> None:
     parser.add_argument("--output", choices=("polygons", "brush"), default="polygons", help="mask models: the config's tag")
     parser.add_argument("--version", help="a trained version directory to serve instead of the starting model")
     parser.add_argument("--score-threshold", type=float, default=0.5)
+    parser.add_argument("--compare", metavar="ARCH", help="also time this architecture's bare forward in the same run "
+                        "(e.g. the previous default, fasterrcnn_lite0_fpn)")
     args = parser.parse_args()
     masks = args.arch.startswith("maskrcnn") or bool(args.version)
     body = bench_image(args.image, masks)
     httpd, url = serve_file(body)
-    arch, http_times, forward_times, post_times, regions = measure(url, args, body)
+    arch, http_times, forward_times, post_times, regions, other_times = measure(url, args, body)
     httpd.shutdown()
     http_ms = 1000 * statistics.median(http_times)
     forward_ms = 1000 * statistics.median(forward_times)
@@ -190,6 +213,10 @@ def main() -> None:
     print(f"post-processing (regions):      median {post_ms:7.1f} ms "
           f"({100 * post_ms / (forward_ms + post_ms):.1f}% of forward + post-processing)")
     print(f"ratio /predict / (forward + post-processing) = {http_ms / (forward_ms + post_ms):.3f} (target <= 1.25)")
+    if other_times:
+        other_ms = 1000 * statistics.median(other_times)
+        print(f"{args.compare} bare forward: median {other_ms:7.1f} ms; this forward / it = {forward_ms / other_ms:.2f}, "
+              f"/predict / it = {http_ms / other_ms:.2f}")
 
 
 if __name__ == "__main__":
