@@ -17,6 +17,7 @@ from typing import Mapping
 ARCHITECTURES = (
     "auto",
     "fasterrcnn_lite0_fpn",
+    "fasterrcnn_lite0_fpn128",
     "fasterrcnn_lite0_slim",
     "fasterrcnn_mobilenet_v3_large_320_fpn",
     "fasterrcnn_mobilenet_v3_large_fpn",
@@ -55,7 +56,7 @@ class Settings:
     max_request_bytes: int = field(default=20_000_000, metadata={"env": "MAX_REQUEST_BYTES", "doc": "Request bodies larger than this are refused with 413 before they are read (a /predict batch of a few hundred tasks is well under 1 MB)."})
     webhook_secret: str = field(default="", metadata={"env": "WEBHOOK_SECRET", "doc": "When set, `POST /webhook` without valid Basic auth must carry the header `X-Livetrain-Secret: <this value>` (add it to the webhook in Label Studio's project Settings > Webhooks); otherwise 401. Empty: webhooks without credentials are accepted (they are only notifications)."})
     # Model
-    model_arch: str = field(default="auto", metadata={"env": "MODEL_ARCH", "doc": "Detector architecture for RectangleLabels projects: " + ", ".join(ARCHITECTURES) + ". `auto`: COCO-pretrained fasterrcnn_mobilenet_v3_large_320_fpn when its weights can be had, else fasterrcnn_lite0_fpn with the offline ImageNet backbone."})
+    model_arch: str = field(default="auto", metadata={"env": "MODEL_ARCH", "doc": "Detector architecture for RectangleLabels projects: " + ", ".join(ARCHITECTURES) + ". `auto`: COCO-pretrained fasterrcnn_mobilenet_v3_large_320_fpn when its weights can be had, else fasterrcnn_lite0_fpn128 with the offline ImageNet backbone (fasterrcnn_lite0_fpn, the default before, is its 256-channel FPN: as accurate, 1.6x slower)."})
     mask_arch: str = field(default="auto", metadata={"env": "MASK_ARCH", "doc": "Mask R-CNN architecture for PolygonLabels / BrushLabels projects: " + ", ".join(MASK_ARCHITECTURES) + ". `auto`: maskrcnn_lite0_fpn with the offline ImageNet backbone (the ResNet-50 ones load torchvision's COCO weights from TORCH_HOME or download them; they work at 800 px on a ResNet-50 and are far heavier per step on a CPU)."})
     weights_path: str = field(default="", metadata={"env": "WEIGHTS_PATH", "doc": "Local starting weights (a torchvision COCO detector file). Tried first, for the projects of its kind (a Mask R-CNN file for mask projects, a Faster R-CNN file for box projects)."})
     weights_sha256: str = field(default="", metadata={"env": "WEIGHTS_SHA256", "doc": "Expected sha256 of WEIGHTS_PATH; when empty, the hash torchvision publishes for that file name is used if known."})

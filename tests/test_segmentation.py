@@ -251,6 +251,8 @@ def test_a_speckled_object_is_one_region_in_polygons_and_brush(tmp_path, image_s
     assert cv2.connectedComponents(kept.astype(np.uint8))[0] - 1 == 1
     assert cv2.connectedComponents(speckled.astype(np.uint8))[0] - 1 == 3
     assert kept.sum() > 0.9 * speckled.sum() and not (kept & ~speckled).any()
+    semantic = Predictor(None, fetcher, 0.5, 100, mask_output="semantic").predict_with(loaded, tasks, BRUSH)[0]["result"]
+    assert np.array_equal(rle_to_mask(semantic[0]["value"]["rle"], 120, 160), kept)  # per object, before the union
 
 
 # -- live training ---------------------------------------------------------------------------------------
@@ -334,7 +336,7 @@ def test_brush_round_then_box_config_starts_a_new_model(tmp_path, image_server):
 
     meta = train_version(settings, boxes, fetcher, SessionInputs("1", "p", LABELS, "boxes"),
                          records_for(image_server, range(3)), 8)
-    assert meta["task"] == "boxes" and meta["parent"] is None and meta["arch"] == "fasterrcnn_lite0_fpn"
+    assert meta["task"] == "boxes" and meta["parent"] is None and meta["arch"] == "fasterrcnn_lite0_fpn128"
 
 
 def test_predict_route_serves_a_published_mask_version_and_health_names_the_mask_model(tmp_path, image_server):

@@ -81,7 +81,7 @@ def test_mask_projects_get_their_own_starting_weights(tmp_path):
     assert from_file.source == "file" and len(from_file.categories) == 4
     assert from_file.build(3).roi_heads.mask_predictor.mask_fcn_logits.out_channels == 3
     boxes = resolve_starting_weights("auto", str(path), download=False, task="boxes")
-    assert (boxes.arch, boxes.source) == ("fasterrcnn_lite0_fpn", "imagenet-lite0")  # the file was passed over
+    assert (boxes.arch, boxes.source) == ("fasterrcnn_lite0_fpn128", "imagenet-lite0")  # the file was passed over
     coco = resolve_starting_weights("maskrcnn_resnet50_fpn_v2", download=False, task="masks")
     assert coco.source == "random" and "maskrcnn_lite0_fpn" in coco.warnings[0]
     with pytest.raises(ValueError, match="boxes architecture"):

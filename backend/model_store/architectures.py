@@ -18,7 +18,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 
 from backend.model_store.layers import quiet_mask_logits
-from backend.model_store.lite0 import SLIM, SLIM_MASK_HEAD, build_lite0_fasterrcnn, build_lite0_maskrcnn
+from backend.model_store.lite0 import FPN128, SLIM, SLIM_MASK_HEAD, build_lite0_fasterrcnn, build_lite0_maskrcnn
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +52,18 @@ LITE0 = "fasterrcnn_lite0_fpn"  # EfficientNet-Lite0 + FPN; ImageNet weights shi
 MASK_LITE0 = "maskrcnn_lite0_fpn"  # the same backbone with torchvision's mask head
 # The same pretrained body with narrower from-scratch parts (FPN, RPN head, box and mask heads): they carry no
 # pretrained knowledge, and at full width they cost several times the body on a CPU (scripts/bench_arch.py).
+# LITE0_FPN128 (128-channel FPN and RPN head, torchvision's box head) is the offline box default: 0.6x the forward
+# and step at the same few-shot accuracy (docs/benchmarks.md). Slim also narrows the box and mask heads: faster
+# still, but it loses tight boxes, so it is opt-in. Versions keep their architecture (meta "arch").
+LITE0_FPN128 = "fasterrcnn_lite0_fpn128"
 LITE0_SLIM = "fasterrcnn_lite0_slim"
 MASK_LITE0_SLIM = "maskrcnn_lite0_slim"
 _LITE0_BUILDERS = {LITE0: build_lite0_fasterrcnn, MASK_LITE0: build_lite0_maskrcnn,
+                   LITE0_FPN128: partial(build_lite0_fasterrcnn, **FPN128),
                    LITE0_SLIM: partial(build_lite0_fasterrcnn, **SLIM),
                    MASK_LITE0_SLIM: partial(build_lite0_maskrcnn, **SLIM, mask_head_channels=SLIM_MASK_HEAD)}
-ARCHITECTURES = (*_TORCHVISION, LITE0, MASK_LITE0, LITE0_SLIM, MASK_LITE0_SLIM)
-OFFLINE = {"boxes": LITE0, "masks": MASK_LITE0}  # the pretrained choice that needs no download, per task kind
+ARCHITECTURES = (*_TORCHVISION, LITE0, MASK_LITE0, LITE0_FPN128, LITE0_SLIM, MASK_LITE0_SLIM)
+OFFLINE = {"boxes": LITE0_FPN128, "masks": MASK_LITE0}  # the pretrained choice that needs no download, per task kind
 
 
 def task_of(arch: str) -> str:

@@ -42,8 +42,9 @@ NUM_STAGES = len(STAGE_SIZES)
 OUT_INDICES = (2, 3, 4)  # timm feature levels at strides 8/16/32 (40/112/320 channels)
 IMAGE_MEAN, IMAGE_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # Lite0 was trained on inputs scaled to [-1, 1]
 MASK_HEAD_CHANNELS = 128
-# The slim variant's widths (architectures.LITE0_SLIM): see scripts/bench_arch.py and docs/benchmarks.md.
-SLIM = {"fpn_channels": 128, "box_head_dim": 512}
+# The narrow variants' widths (architectures.LITE0_FPN128, LITE0_SLIM): scripts/bench_arch.py, docs/benchmarks.md.
+FPN128 = {"fpn_channels": 128}
+SLIM = {**FPN128, "box_head_dim": 512}
 SLIM_MASK_HEAD = 64
 
 _TOP_RENAMES = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}

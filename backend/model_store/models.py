@@ -20,7 +20,7 @@ def pick_device(setting: str) -> torch.device:
 def for_inference(model: nn.Module, device: torch.device) -> nn.Module:
     """``model`` in eval mode on ``device``, as /predict, re-scoring and a session's served copy run it. On a CPU
     its weights move to the channels-last memory layout (same values): oneDNN's convolutions skip a layout
-    conversion per layer, ~0.9x the forward time (scripts/bench_arch.py, serving levers)."""
+    conversion per layer, 0.87-0.98x the forward time (scripts/bench_arch.py, bench_predict.py)."""
     model = model.to(device).eval()
     if device.type == "cpu":
         model.to(memory_format=torch.channels_last)

@@ -98,7 +98,8 @@ class Guard:
         if not self.enabled or self.uses_validation or self.baseline_model is None or version == self.baseline:
             return
         baseline = score_image(self.baseline_model, self.baseline_classes, record, session.fetcher,
-                               session.settings.score_threshold, session.device, self.task, session.classes)
+                               session.settings.score_threshold, session.device, self.task, session.classes,
+                               min_part=session.settings.mask_min_part)
         self.pairs.append([round(score, 4), round(baseline.score, 4)])
         if version in self.store.names():
             try:  # kept in the meta so that the next session goes on with the window; the pairs are in memory anyway

@@ -8,6 +8,7 @@ import torch
 
 from backend.labelstudio.annotations import LabeledImage
 from backend.labelstudio.images import ImageFetcher
+from backend.labelstudio.masks import drop_specks
 from backend.metrics.quality import MaskCrop, Quality, iou, mask_iou, quality
 from backend.model_store.detect import forward, paste_in_box, serving_limit
 from backend.training.data import load_example
@@ -15,11 +16,13 @@ from backend.training.data import load_example
 
 def score_image(model: torch.nn.Module | None, model_classes: tuple[str, ...], record: LabeledImage,
                 fetcher: ImageFetcher, threshold: float, device: torch.device, task: str = "boxes",
-                all_classes: tuple[str, ...] = (), limit: tuple[int, int] | None = None) -> Quality:
+                all_classes: tuple[str, ...] = (), limit: tuple[int, int] | None = None,
+                min_part: float = 0.0) -> Quality:
     """Quality of ``model``'s pre-label (regions at or above ``threshold``) against the record's annotation.
     ``model`` None scores the empty pre-label of a project with no version yet. ``all_classes`` (a superset
     of ``model_classes``, the head's classes) must name every label the record uses. Mask projects compare
-    masks (mask IoU). Raises LivetrainError when the image cannot be loaded."""
+    masks (mask IoU), each predicted mask without its specks as /predict serves it (``min_part``: MASK_MIN_PART).
+    Raises LivetrainError when the image cannot be loaded."""
     names = all_classes or model_classes
     if model is not None:
         limit = serving_limit(model)
@@ -41,6 +44,7 @@ def score_image(model: torch.nn.Module | None, model_classes: tuple[str, ...], r
         predicted = []
         for i in keep:
             crop, (x0, y0) = paste_in_box(out["masks"][i], out["boxes"][i], width, height)
+            crop = drop_specks(crop, min_part) if crop.size else crop
             predicted.append((MaskCrop(crop, x0, y0), model_classes[labels[i] - 1], scores[i]))
         return quality(predicted, annotated, overlap=mask_iou)
     boxes = out["boxes"].tolist()

@@ -156,7 +156,8 @@ class TrainingSession:
         its image cannot be loaded). Before the first version: the empty pre-label of ``livetrain-base``."""
         version = self.active_name or BASE_VERSION
         quality = score_image(self.served, self.served_classes, record, self.fetcher, self.settings.score_threshold,
-                              self.device, self.inputs.task, self.classes, limit=(self.base_size, 2 * self.base_size))
+                              self.device, self.inputs.task, self.classes, limit=(self.base_size, 2 * self.base_size),
+                              min_part=self.settings.mask_min_part)
         return version, quality
 
     def score_new(self, records: list[LabeledImage]) -> list[dict]:
