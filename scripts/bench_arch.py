@@ -47,7 +47,7 @@ from backend.training.engine import sgd  # noqa: E402
 from backend.training.modes import apply_mode, body_trainable, working_limit  # noqa: E402
 from backend.training.transforms import augment, scale_jitter  # noqa: E402
 from scripts.bench_predict import bench_image  # noqa: E402
-from scripts.bench_steps import LocalFiles, records  # noqa: E402
+from scripts.bench_steps import LocalFiles, records, train_step  # noqa: E402
 
 MODULES = ("transform", "backbone.body", "backbone.fpn", "rpn.head", "rpn", "roi_heads.box_roi_pool",
            "roi_heads.box_head", "roi_heads.box_predictor", "roi_heads.mask_roi_pool", "roi_heads.mask_head",
@@ -154,15 +154,6 @@ def batches(recs, classes, task, limit, batch: int, count: int):
         chosen = [recs[(step * batch + i) % len(recs)] for i in range(batch)]
         torch.manual_seed(step)  # the same augmentation for every variant
         yield [augment(*load_example(r, fetcher, tuple(classes), task, limit)) for r in chosen]
-
-
-def train_step(model, optimizer, examples) -> float:
-    start = time.perf_counter()
-    losses = model([e[0] for e in examples], [e[1] for e in examples])
-    optimizer.zero_grad()
-    sum(losses.values()).backward()
-    optimizer.step()
-    return time.perf_counter() - start
 
 
 def profile(task: str, data: Path, image: torch.Tensor, runs: int, steps: int) -> str:
