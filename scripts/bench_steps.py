@@ -87,8 +87,8 @@ def main() -> None:
     for step in range(args.steps + 3):
         chosen = [recs[(step * args.batch + i) % len(recs)] for i in range(args.batch)]
         examples = {}
-        for task in {task_of(arch) for arch in archs}:  # a box-only child holds no masks (its peak RSS)
-            torch.manual_seed(step)  # the same augmentation for every architecture of a task
+        # one batch per task, shared by its architectures; a box-only child holds no masks (its peak RSS)
+        for task in {task_of(arch) for arch in archs}:
             examples[task] = [augment(*load_example(r, fetcher, tuple(classes), task, limit)) for r in chosen]
         # Modes and architectures alternate step by step on the same weights, so drift in machine speed and the
         # proposals a model makes as it learns (NMS work) hit every row alike; step i draws the same scale for all.
