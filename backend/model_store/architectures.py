@@ -52,8 +52,8 @@ LITE0 = "fasterrcnn_lite0_fpn"  # EfficientNet-Lite0 + FPN; ImageNet weights shi
 MASK_LITE0 = "maskrcnn_lite0_fpn"  # the same backbone with torchvision's mask head
 # The same pretrained body with narrower from-scratch parts (FPN, RPN head, box and mask heads): they carry no
 # pretrained knowledge, and at full width they cost several times the body on a CPU (scripts/bench_arch.py).
-# LITE0_FPN128 (128-channel FPN and RPN head, torchvision's box head) is the offline box default: 0.6x the forward
-# and step at the same few-shot accuracy (docs/benchmarks.md). Slim also narrows the box and mask heads: faster
+# LITE0_FPN128 (128-channel FPN and RPN head, torchvision's box head) is the offline box default: 0.56x the forward,
+# 0.58-0.91x the step, at the same few-shot accuracy (docs/benchmarks.md). Slim also narrows the box and mask heads: faster
 # still, but it loses tight boxes, so it is opt-in. Versions keep their architecture (meta "arch").
 LITE0_FPN128 = "fasterrcnn_lite0_fpn128"
 LITE0_SLIM = "fasterrcnn_lite0_slim"
