@@ -97,6 +97,7 @@ class Settings:
     mask_output: str = field(default="instance", metadata={"env": "MASK_OUTPUT", "doc": "Mask projects: `instance` (one region per detected object, with its score) or `semantic` (one region per class: the union of its objects' masks, scored by the best of them)."})
     polygon_tolerance: float = field(default=1.5, metadata={"env": "POLYGON_TOLERANCE", "doc": "PolygonLabels predictions: contours are simplified with at most this tolerance, in image pixels (a part is traced finer when that tolerance would lose more than 3% IoU, e.g. thin shapes)."})
     polygon_max_points: int = field(default=200, metadata={"env": "POLYGON_MAX_POINTS", "doc": "PolygonLabels predictions: at most this many points per polygon (the tolerance then grows until it fits; Label Studio slows down on polygons with thousands of points)."})
+    polygon_total_points: int = field(default=3000, metadata={"env": "POLYGON_TOTAL_POINTS", "doc": "PolygonLabels predictions: at most this many points in one task's polygons together; past it every polygon gets an equal share as its maximum. Keeps Label Studio's editor showing a task with 50 predicted objects in under 2 s (docs/segmentation.md)."})
     mask_min_part: float = field(default=0.1, metadata={"env": "MASK_MIN_PART", "doc": "Mask predictions (polygons and brush): an object keeps its largest connected part and every other part of at least this fraction of the largest one's area; smaller specks are dropped, so one object gives one region unless it really has several parts. 0 keeps every part."})
     predict_device: str = field(default="", metadata={"env": "PREDICT_DEVICE", "doc": "Where web processes run /predict: `auto`, `cpu` or `cuda`; empty = DEVICE. `cpu` keeps the web processes off the GPU that the training workers use."})
     max_loaded_models: int = field(default=8, metadata={"env": "MAX_LOADED_MODELS", "doc": "Project models each web process keeps in memory; the least recently used is dropped and loaded again at its project's next request."})
@@ -106,7 +107,7 @@ class Settings:
     stream_prepare: bool = field(default=True, metadata={"env": "STREAM_PREPARE", "doc": "When a project connects and when tasks are imported, embed the new tasks' images with the pretrained backbone and cluster them; re-scoring writes each task's cluster with its prediction, and before the first version (with uncertainty sampling) typical-first predictions make the first labels cover the data. `false`: no embeddings, clusters or typical-first predictions."})
     # Re-scoring: fresh predictions for Label Studio's uncertainty sampling after each version
     rescore_on_publish: bool = field(default=True, metadata={"env": "RESCORE_ON_PUBLISH", "doc": "After each published version, score the unlabeled tasks with it in the background, write the predictions into Label Studio and move the project's model_version to it."})
-    rescore_limit: int = field(default=0, metadata={"env": "RESCORE_LIMIT", "doc": "At most this many unlabeled tasks are re-scored per version, the most useful first (never scored, then lowest previous score); 0 = all."})
+    rescore_limit: int = field(default=0, metadata={"env": "RESCORE_LIMIT", "doc": "At most this many unlabeled tasks are re-scored per version: the 4 an annotator going down the task list opens next, then the most useful (never scored, then the stalest, then the lowest previous score); 0 = all."})
     rescore_batch: int = field(default=16, metadata={"env": "RESCORE_BATCH", "doc": "Tasks scored and written to Label Studio per batch; between batches a re-scoring job stops when a newer version is active (that version's job takes over)."})
     old_predictions: str = field(default="delete", metadata={"env": "RESCORE_OLD_PREDICTIONS", "doc": "`delete`: when a task gets a new version's prediction, livetrain's predictions of older versions are deleted (Label Studio orders by all of a task's prediction scores); `keep`: leave them."})
     # Images
@@ -144,8 +145,8 @@ class Settings:
             raise ValueError("MASK_OUTPUT must be instance or semantic")
         if not 0.0 <= self.mask_min_part <= 1.0:
             raise ValueError(f"MASK_MIN_PART must be between 0 and 1, got {self.mask_min_part}")
-        if self.polygon_tolerance <= 0 or self.polygon_max_points < 4:
-            raise ValueError("POLYGON_TOLERANCE must be above 0 and POLYGON_MAX_POINTS at least 4")
+        if self.polygon_tolerance <= 0 or self.polygon_max_points < 4 or self.polygon_total_points < 4:
+            raise ValueError("POLYGON_TOLERANCE must be above 0, POLYGON_MAX_POINTS and POLYGON_TOTAL_POINTS at least 4")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
         if not 0.0 <= self.score_threshold <= 1.0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -12,6 +13,24 @@ import torch
 from PIL import Image
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's headless chromium driven by Playwright (the status page and Label Studio's labeling page). CI
+    installs both, so there a missing one fails; elsewhere the browser tests skip."""
+    from backend.simulation.editor import CHROMIUM, CHROMIUM_ARGS
+
+    if not os.path.exists(CHROMIUM) and not os.environ.get("CI"):
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium); CI installs it and runs these tests")
+    if not os.environ.get("CI"):
+        pytest.importorskip("playwright", reason="playwright is not installed (pip install -e '.[test]')")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
 
 BOX_CONFIG = """<View>
   <Image name="image" value="$image"/>

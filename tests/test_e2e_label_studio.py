@@ -417,6 +417,77 @@ def test_mask_predictions_rescored_and_served_lowest_score_first(ls, livetrain, 
     assert served["id"] in allowed, (served["id"], allowed, keys)
 
 
+def same_points(a: list, b: list, tolerance: float) -> bool:
+    return len(a) == len(b) and all(abs(p - q) <= tolerance for u, v in zip(a, b) for p, q in zip(u, v))
+
+
+def test_the_editor_shows_the_prediction_and_trains_on_what_the_annotator_submits(ls, livetrain, label_studio,
+                                                                                   mask_project, browser):
+    """Label Studio's labeling page in a real browser, as an annotator opens a task: the editor's draft holds
+    every region of livetrain's prediction with its label and shape; in the polygon project the annotator drags
+    one vertex, in the brush project accepts the masks as they are; Submit stores that, and the next version is
+    trained on exactly that annotation."""
+    from backend.labelstudio.masks import rle_to_mask
+    from backend.simulation.editor import LabelingPage
+    from backend.simulation.ls_server import PASSWORD, USER
+
+    version, kind, result_type = mask_project["version"], mask_project["kind"], mask_project["type"]
+    unlabeled = [t for t in ls.tasks(mask_project["id"]) if not t["total_annotations"]]
+    predicted = {t["id"]: p for t in unlabeled for p in t["predictions"] if p["model_version"] == version}
+    task_id = max(predicted, key=lambda t: (len(predicted[t]["result"]), -t))  # the task with the most regions
+    regions = predicted[task_id]["result"]
+    assert regions and ls.project(mask_project["id"])["model_version"] == version
+    page = LabelingPage(browser, label_studio[1].url, USER, PASSWORD)
+    try:
+        shown = page.open(mask_project["id"], task_id, len(regions))
+        labels = sorted(r["value"][result_type][0] for r in regions)
+        assert sorted(r["value"][result_type][0] for r in shown.draft) == labels
+        assert sorted(shown.outliner) == labels  # what the annotator sees listed: one item per region
+        assert {r["id"] for r in shown.draft} == {r["id"] for r in regions}
+        by_id = {r["id"]: r for r in regions}
+        for drawn in shown.draft:
+            mine = by_id[drawn["id"]]["value"]
+            if kind == "polygon":
+                assert same_points(drawn["value"]["points"], mine["points"], 1e-3)
+            else:
+                assert (rle_to_mask(drawn["value"]["rle"], W, H) == rle_to_mask(mine["rle"], W, H)).all()
+        moved = None
+        if kind == "polygon":  # drag the vertex farthest from the image's edges 20 px towards the image's centre
+            region = max(regions, key=lambda r: len(r["value"]["points"]))
+            points = region["value"]["points"]
+            vertex = max(range(len(points)), key=lambda i: min(points[i][0], 100 - points[i][0], points[i][1],
+                                                               100 - points[i][1]))
+            inside = (sum(x for x, _ in points) / len(points), sum(y for _, y in points) / len(points))
+            x, y = points[vertex]
+            by = (20.0 if x < 50 else -20.0, 20.0 if y < 50 else -20.0)
+            box = page.image_box()
+            page.drag_point(inside, (x, y), by)
+            moved = (region["id"], vertex, (100 * by[0] / box[2], 100 * by[1] / box[3]))
+        page.submit()
+        assert not page.problems, page.problems
+    finally:
+        page.close()
+    annotation, = ls.request("GET", f"/api/tasks/{task_id}/annotations/")
+    stored = {r["id"]: r for r in annotation["result"]}
+    assert set(stored) == set(by_id)
+    for region_id, region in stored.items():
+        mine = by_id[region_id]["value"]
+        assert region["value"][result_type] == mine[result_type]
+        if kind == "brush":
+            assert (rle_to_mask(region["value"]["rle"], W, H) == rle_to_mask(mine["rle"], W, H)).all()
+            continue
+        expected = [list(p) for p in mine["points"]]
+        if moved and region_id == moved[0]:  # exactly the dragged vertex moved, by the drag
+            i, (dx, dy) = moved[1], moved[2]
+            expected[i] = [expected[i][0] + dx, expected[i][1] + dy]
+        assert same_points(region["value"]["points"], expected, 0.3), (region_id, moved, region["value"]["points"])
+    assert moved is None or stored[moved[0]]["value"]["points"][moved[1]] != by_id[moved[0]]["value"]["points"][moved[1]]
+    mask_project["annotated"].add(task_id)
+    wait_until(lambda: idle_with(livetrain, mask_project,
+                                 lambda v: v["trained_annotations"].get(str(task_id)) == annotation["updated_at"]),
+               timeout=ROUND_TIMEOUT, interval=1.0, what=f"a {kind} version trained on the annotation the editor submitted")
+
+
 # -- the label stream ------------------------------------------------------------------------------------------
 # A project created with Label Studio's default "Sequential sampling": connecting livetrain switches it to
 # uncertainty sampling, /next/ serves typical tasks of uncovered clusters before any version, and after versions

@@ -24,13 +24,17 @@ def task(tid, *predictions):
                                        for i, (v, s) in enumerate(predictions)]}
 
 
-def test_plan_scores_never_scored_first_then_stalest_then_lowest_previous_score_and_caps():
+def test_plan_scores_the_next_in_line_then_never_scored_then_stalest_then_lowest_previous_score_and_caps(monkeypatch):
     tasks = [task(1, ("p-v1", 0.9)), task(2, ("p-v1", 0.2)), task(3), task(4, ("p-v1", 0.4), ("p-v2", 0.7)),
              task(5, ("p-v3", 0.1)), task(6, ("other", None))]
+    monkeypatch.setattr("backend.jobs.rescoring.NEXT_IN_LINE", 0)
     # 2 and 1 carry p-v1 predictions, 4 a newer p-v2 one: stalest first, then the lowest score
     assert [t["id"] for t in plan_rescore(tasks, "p-v3", 0)] == [3, 6, 2, 1, 4]
     assert [t["id"] for t in plan_rescore(tasks, "p-v3", 3)] == [3, 6]  # task 5 already carries p-v3
     assert plan_rescore(tasks, "p-v3", 1) == []
+    # the lowest ids still to score come first (what an annotator going down the list opens next), in usefulness order
+    monkeypatch.setattr("backend.jobs.rescoring.NEXT_IN_LINE", 2)
+    assert [t["id"] for t in plan_rescore(tasks, "p-v3", 0)] == [2, 1, 3, 6, 4]
 
 
 def test_only_livetrain_versions_count_as_older_versions():

@@ -301,6 +301,42 @@ def mask_ap50(model, fetcher, image_server, seeds) -> float:
 MASK_AP50_BAR = 0.6
 
 
+def ragged_detections(count: int, seed: int = 0) -> dict:
+    """``count`` Mask R-CNN detections on a 400x300 image: noisy 28 x 28 probability maps (ragged outlines,
+    many polygon points each) in boxes on a grid."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:28, 0:28]
+    radius = np.hypot(yy - 13.5, xx - 13.5)
+    boxes, masks = [], []
+    for i in range(count):
+        noise = rng.uniform(-3.0, 3.0, (28, 28))
+        masks.append(torch.from_numpy((radius + noise < 11).astype(np.float32))[None])
+        x, y = 40 * (i % 10), 40 * (i // 10)
+        boxes.append([x + 2, y + 2, x + 38, y + 38])
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32), "masks": torch.stack(masks)}
+
+
+def test_one_tasks_polygons_keep_within_polygon_total_points():
+    """Label Studio's editor slows down with the points a task holds (scripts/bench_editor.py): past
+    POLYGON_TOTAL_POINTS every polygon is traced again with an equal share; the objects stay the same."""
+    det = ragged_detections(30)
+    kept = [(i, "Square", 0.9) for i in range(30)]
+    free = Predictor(None, None, 0.5, 100, polygon_total_points=10**6)._mask_regions(det, kept, 400, 300, POLY)
+    total = sum(len(r["value"]["points"]) for r in free)
+    assert total > 900  # ragged: far more than the budget below
+    budget = 600
+    bounded = Predictor(None, None, 0.5, 100, polygon_total_points=budget)._mask_regions(det, kept, 400, 300, POLY)
+    assert len(bounded) == len(free) and sum(len(r["value"]["points"]) for r in bounded) <= budget
+    for coarse, fine in zip(bounded, free):  # each polygon still outlines its object
+        a, b = polygon_to_mask(coarse["value"]["points"], 400, 300), polygon_to_mask(fine["value"]["points"], 400, 300)
+        assert mask_iou(a, b) > 0.75  # 20 points for a very ragged outline: its shape, not its noise
+    # under the budget nothing changes; brush regions have no points to count
+    exact = Predictor(None, None, 0.5, 100, polygon_total_points=total)._mask_regions(det, kept, 400, 300, POLY)
+    assert [r["value"] for r in exact] == [r["value"] for r in free]  # (each region has an id of its own)
+    brush = Predictor(None, None, 0.5, 100, polygon_total_points=4)._mask_regions(det, kept, 400, 300, BRUSH)
+    assert len(brush) == 30
+
+
 def test_mask_rounds_learn_shapes_mask_ap(tmp_path, image_server):
     """Polygon annotations, three rounds as labels arrive: mask AP@0.5 on fresh images clears the bar."""
     torch.manual_seed(0)

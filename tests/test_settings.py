@@ -23,6 +23,7 @@ def test_defaults_and_env_parsing():
     ({"BASIC_AUTH_USER": "u"}, "BASIC_AUTH_PASS"),
     ({"SCORE_THRESHOLD": "2"}, "SCORE_THRESHOLD"),
     ({"MASK_MIN_PART": "1.5"}, "MASK_MIN_PART"),
+    ({"POLYGON_TOTAL_POINTS": "2"}, "POLYGON_TOTAL_POINTS"),
 ])
 def test_invalid_settings_name_the_variable(env, word):
     with pytest.raises(ValueError) as err:

@@ -1,4 +1,4 @@
-"""``livetrain simulate --kind polygons``: COCO polygons as Label Studio ground truth, mask-IoU quality,
+"""``livetrain simulate --kind polygons`` / ``--kind brush``: COCO polygons as Label Studio ground truth, mask-IoU quality,
 and the polygon segmentations ``load_coco`` keeps. Synthetic data only (no network, no shared datasets)."""
 
 import json
@@ -6,6 +6,7 @@ import json
 import pytest
 
 from backend.labelstudio.annotations import labeled_image
+from backend.labelstudio.masks import mask_to_rle, rle_to_mask
 from backend.simulation.session import (_control, ground_truth_result, label_config, predicted_masks,
                                         score_prediction, truth_masks)
 from backend.training.coco import CocoImage, load_coco
@@ -47,6 +48,33 @@ def test_ground_truth_is_one_closed_polygon_per_ring_in_percent():
             "annotations": [{"id": 1, "result": result, "updated_at": "2026-01-01T00:00:00Z"}]}
     example = labeled_image(task, control)
     assert example.labels == ("window", "window", "car") and len(example.masks) == 3
+
+
+def test_brush_ground_truth_is_one_rle_per_object_that_livetrain_reads_as_one_instance():
+    result = ground_truth_result(image(), CLASSES, kind="brush")
+    assert [r["value"]["brushlabels"] for r in result] == [["window"], ["car"]]  # the box-only object: not painted
+    window = rle_to_mask(result[0]["value"]["rle"], W, H)
+    assert window.sum() == 800 and (window == image().mask(0)).all()  # both parts in one region
+    assert result[0]["type"] == "brushlabels" and result[0]["value"]["format"] == "rle" and "score" not in result[0]
+    control = _control(tuple(CLASSES), "brush")
+    assert control.tag_type == "BrushLabels" and "<BrushLabels" in label_config(CLASSES, "brush")
+    task = {"id": 7, "data": {"image": "/data/upload/1/a.jpg"},
+            "annotations": [{"id": 1, "result": result, "updated_at": "2026-01-01T00:00:00Z"}]}
+    example = labeled_image(task, control)
+    assert example.labels == ("window", "car") and len(example.masks) == 2
+
+
+def test_brush_predictions_are_scored_with_mask_iou():
+    truth = ground_truth_result(image(), CLASSES, kind="brush")
+    q = score_prediction([dict(r, score=0.8) for r in truth], image(), CLASSES, kind="brush")
+    assert (q.correct, q.missed, q.extra, q.score) == (2, 0, 0, 1.0)
+    half = image().mask(1).copy()
+    half[:, 120:] = False  # the car's left half: IoU 0.5
+    wrong_size = {"type": "brushlabels", "score": 0.5,
+                  "value": {"format": "rle", "rle": mask_to_rle(half[:50]), "brushlabels": ["car"]}}
+    (crop, label, score), = predicted_masks([{"type": "brushlabels", "score": 0.7, "value": {
+        "format": "rle", "rle": mask_to_rle(half), "brushlabels": ["car"]}}, wrong_size], W, H)
+    assert (crop.area, label, score) == (800, "car", 0.7)  # the RLE of another size is no shape
 
 
 def test_boxes_kind_is_unchanged():
@@ -122,3 +150,21 @@ def test_load_coco_keeps_polygon_rings_and_skips_rle(tmp_path):
     assert im.mask(0).sum() == 800 and im.mask(1).sum() == 0
     assert im.mask(0, W // 2, H // 2).sum() == 200  # rasterised at half size
     assert im.target()["boxes"].shape == (2, 4)
+
+
+def test_the_editor_screenshot_opens_the_unlabeled_task_with_the_largest_prediction_of_the_version():
+    from backend.simulation.editor import best_predicted_task
+
+    class Tasks:
+        def tasks(self, project):
+            assert project == 3
+            region = {"type": "polygonlabels"}
+            return [{"id": 1, "total_annotations": 1, "predictions": [{"model_version": "v2", "result": [region] * 9}]},
+                    {"id": 2, "total_annotations": 0, "predictions": [{"model_version": "v1", "result": [region] * 7}]},
+                    {"id": 3, "total_annotations": 0, "predictions": [{"model_version": "v2", "result": [region] * 2}]},
+                    {"id": 4, "total_annotations": 0, "predictions": [{"model_version": "v2", "result": [region] * 2}]},
+                    {"id": 5, "total_annotations": 0, "predictions": [{"model_version": "v2", "result": []}]}]
+
+    task, result = best_predicted_task(Tasks(), 3, "v2")  # not labeled, of this version, most regions, lowest id
+    assert task == 3 and len(result) == 2
+    assert best_predicted_task(Tasks(), 3, "v9") is None

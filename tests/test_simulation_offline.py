@@ -65,6 +65,15 @@ def test_mask_target_is_one_instance_per_ring_with_its_tight_box():
     assert target["boxes"].tolist() == [[5.0, 5.0, 15.0, 15.0], [25.0, 5.0, 35.0, 15.0]]
 
 
+def test_mask_target_for_brush_is_one_instance_per_object():
+    two_parts = [[[10, 10], [30, 10], [30, 30], [10, 30]], [[50, 10], [70, 10], [70, 30], [50, 30]]]
+    image = CocoImage(1, None, 100, 100, "train", boxes=[[10, 10, 70, 30], [0, 0, 5, 5]], labels=[2, 1],
+                      polygons=[two_parts, []])
+    target = mask_target(image, 50, 50, per_ring=False)
+    assert target["labels"].tolist() == [2] and target["masks"].shape == (1, 50, 50)
+    assert target["boxes"].tolist() == [[5.0, 5.0, 35.0, 15.0]] and int(target["masks"].sum()) == 200
+
+
 def test_train_offline_returns_a_model_that_evaluate_map_scores(dataset):
     settings = Settings.from_env(ENV)
     starting = StartingWeightsByTask(settings)("boxes")
@@ -83,13 +92,13 @@ def test_train_offline_masks_does_not_crash(dataset):
     assert hasattr(model.roi_heads, "mask_predictor")
 
 
-def publish(tmp_path, dataset, **meta):
-    """A live version of a box project trained on task 11 (image 1) and 12 (image 2)."""
+def publish(tmp_path, dataset, task="boxes", **meta):
+    """A live version of a box (or mask) project trained on task 11 (image 1) and 12 (image 2)."""
     settings = Settings.from_env(ENV)
-    starting = StartingWeightsByTask(settings)("boxes")
+    starting = StartingWeightsByTask(settings)(task)
     model = model_for_round(starting, None, tuple(CLASSES), 128)
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    meta = {"arch": starting.arch, "task": "boxes", "classes": CLASSES, "trained_annotations": {"11": "a", "12": "b"},
+    meta = {"arch": starting.arch, "task": task, "classes": CLASSES, "trained_annotations": {"11": "a", "12": "b"},
             "steps": 1, "settings": {"learning_rate": 0.01, "batch_size": 1, "min_size": 128},
             "starting_weights": starting.source, **meta}
     return VersionStore(tmp_path / "models", "7").publish(state, meta, "sim"), settings
@@ -103,6 +112,17 @@ def test_live_vs_offline_report(tmp_path, dataset):
         assert set(report[side]) == {"map50", "map"}
     assert set(report["ratio"]) == {"map50", "map"} and report["offline_s"] >= 0
     assert report["metric"] == "box mAP" and "steps_note" not in report
+
+
+def test_live_vs_offline_scores_a_mask_version_with_segm_map_too(tmp_path, dataset):
+    name, settings = publish(tmp_path, dataset, task="masks", total_steps=1)
+    report = live_vs_offline(tmp_path / "models", 7, settings, {11: dataset[0], 12: dataset[1]}, CLASSES, dataset[:1],
+                             per_ring=False)
+    assert report["version"] == name and report["metric"] == "box mAP, segm mAP (segm_*)"
+    for side in ("live", "offline"):
+        assert set(report[side]) == {"map50", "map", "segm_map50", "segm_map"}
+        assert all(0.0 <= v <= 1.0 for v in report[side].values())
+    assert set(report["ratio"]) == {"map50", "map", "segm_map50", "segm_map"}
 
 
 def test_live_only_and_steps_fallback_through_the_simulation(tmp_path, dataset):

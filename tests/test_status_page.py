@@ -24,13 +24,11 @@ from backend.labelstudio.images import ImageFetcher
 from backend.model_store.versions import VersionStore
 from backend.model_store.weights import resolve_starting_weights
 from backend.settings import Settings
+from backend.simulation.editor import CHROMIUM
 from backend.training.session import SessionInputs, TrainingSession
 from tests.conftest import ImageServer
 from tests.livetrain_fixtures import shapes_image
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 PROJECT = "4"
 TITLE = 'Shapes <img src=x onerror="window.injected=1"> & co'  # must show as text, never as HTML
 ERROR = "Label Studio answered <b>502</b> & gave up"
@@ -120,20 +118,6 @@ def serve(trained, monkeypatch):
     yield start
     for server in servers:
         server.shutdown()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists() and not os.environ.get("CI"):
-        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium); CI installs it and runs these tests")
-    if not os.environ.get("CI"):
-        pytest.importorskip("playwright", reason="playwright is not installed (pip install -e '.[test]')")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 def open_page(browser, url: str, auth: bool = False):

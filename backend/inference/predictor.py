@@ -199,8 +199,10 @@ class Predictor:
 
     def __init__(self, pool: ModelPool | None, fetcher: ImageFetcher, score_threshold: float, max_detections: int,
                  uncertainty: str = "mean_confidence", skip_annotated: bool = False, mask_output: str = "instance",
-                 polygon_tolerance: float = 1.5, polygon_max_points: int = 200, mask_min_part: float = 0.1):
+                 polygon_tolerance: float = 1.5, polygon_max_points: int = 200, mask_min_part: float = 0.1,
+                 polygon_total_points: int = 3000):
         self.pool = pool
+        self.polygon_total_points = polygon_total_points
         self.mask_min_part = mask_min_part
         self.mask_output = mask_output
         self.polygon_tolerance = polygon_tolerance
@@ -225,7 +227,8 @@ class Predictor:
     def from_settings(cls, pool: ModelPool | None, fetcher: ImageFetcher, settings, skip_annotated: bool | None = None):
         return cls(pool, fetcher, settings.score_threshold, settings.max_detections, settings.uncertainty,
                    settings.predict_skip_annotated if skip_annotated is None else skip_annotated,
-                   settings.mask_output, settings.polygon_tolerance, settings.polygon_max_points, settings.mask_min_part)
+                   settings.mask_output, settings.polygon_tolerance, settings.polygon_max_points, settings.mask_min_part,
+                   settings.polygon_total_points)
 
     def version(self, project: str, control: ControlTag | None = None) -> str:
         """The version /predict serves the project: its active one, unless that predicts another kind than
@@ -323,10 +326,23 @@ class Predictor:
         """Each kept detection's mask, pasted into its own box only (memory stays bounded whatever the image
         size), as polygon or brush regions: one per object (MASK_OUTPUT=instance), or one per class with the
         union of its objects and the best of their scores (semantic). Each object's specks are dropped first
-        (MASK_MIN_PART), so an object is one region unless it really has several parts."""
+        (MASK_MIN_PART), so an object is one region unless it really has several parts.
+
+        Polygons of one task hold POLYGON_TOTAL_POINTS points at most: Label Studio's editor takes longer to
+        show a task the more points it has (scripts/bench_editor.py), so past the budget every polygon is traced
+        again with an equal share of it as its POLYGON_MAX_POINTS."""
+        regions = self._regions(det, kept, width, height, control, self.polygon_max_points)
+        if control.result_type != "polygonlabels" or not regions:
+            return regions
+        if sum(len(r["value"]["points"]) for r in regions) <= self.polygon_total_points:
+            return regions
+        share = max(4, self.polygon_total_points // len(regions))
+        return self._regions(det, kept, width, height, control, min(share, self.polygon_max_points))
+
+    def _regions(self, det: dict, kept: list, width: int, height: int, control: ControlTag, max_points: int) -> list[dict]:
         from backend.labelstudio.masks import drop_specks  # OpenCV: loaded by the first mask prediction only
 
-        shape = dict(tolerance=self.polygon_tolerance, max_points=self.polygon_max_points)
+        shape = dict(tolerance=self.polygon_tolerance, max_points=max_points)
         boxes = det["boxes"]
 
         def pasted(i: int):

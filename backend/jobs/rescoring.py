@@ -149,14 +149,23 @@ def has_version(task: dict, version: str) -> bool:
     return any(p.get("model_version") == version for p in task.get("predictions") or ())
 
 
+# The tasks an annotator working through the list opens next (the data manager's order and Label Studio's
+# sequential sampling go by id). Opening a task that has any prediction never makes Label Studio ask /predict
+# (tasks/api.py), and from the label stream's cold start on every task has one, so without this the task
+# opened next would show whatever old version re-scoring last reached. The stream itself picks among all the
+# tasks the batch scored, so these few slots of the first batch cost it little.
+NEXT_IN_LINE = 4
+
+
 def plan_rescore(tasks: list[dict], version: str, limit: int) -> list[dict]:
-    """The tasks to score with ``version``, most useful first: never scored; then the stalest (the newest
-    scored prediction of the oldest version: with a version every few seconds each job is superseded after
-    a batch or two, and Label Studio shows a task's stored prediction, never asking again, so stale ones
-    must come round); then the lowest previous score (ties by id). With ``limit``, at most that many tasks
-    carry the version, counting those already done."""
+    """The tasks to score with ``version``: first the NEXT_IN_LINE lowest ids, then the most useful: never
+    scored; then the stalest (the newest scored prediction of the oldest version: with a version every few
+    seconds each job is superseded after a batch or two, and Label Studio shows a task's stored prediction,
+    never asking again, so stale ones must come round); then the lowest previous score (ties by id). With
+    ``limit``, at most that many tasks carry the version, counting those already done."""
     done = sum(1 for t in tasks if has_version(t, version))
     todo = [t for t in tasks if not has_version(t, version)]
+    in_line = {t["id"] for t in sorted(todo, key=lambda t: t["id"])[:NEXT_IN_LINE]}
 
     def usefulness(task):
         scored = [p for p in task.get("predictions") or () if isinstance(p.get("score"), (int, float))]
@@ -165,7 +174,7 @@ def plan_rescore(tasks: list[dict], version: str, limit: int) -> list[dict]:
         newest = max(scored, key=lambda p: p.get("id") or 0)
         return (1, version_number(newest.get("model_version") or ""), newest["score"], task["id"])
 
-    todo.sort(key=usefulness)
+    todo.sort(key=lambda t: (t["id"] not in in_line, usefulness(t)))
     return todo[: max(0, limit - done)] if limit else todo
 
 

@@ -5,8 +5,9 @@ joins at FULL_AFTER, and the learning rate follows the sessions. The offline run
 final live version was trained on from its first step, and the same architecture, starting weights and
 number of optimizer steps: "live ends as good as offline" when the two test mAPs are close (ratio near 1).
 
-Both are scored with box mAP (``backend.metrics.coco_map``) on a held-out split; for a Mask R-CNN
-(``--kind polygons``) that is the box mAP of its detections, masks are not scored.
+Both are scored with box mAP (``backend.metrics.coco_map``) on a held-out split; a Mask R-CNN (``--kind
+polygons`` or ``brush``) also with segm (mask) mAP against the test objects as the simulator annotates them:
+one instance per polygon ring for polygons, one per object for brush (``mask_target``), at the image size.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from backend.training.coco import CocoImage, ring_to_percent
 from backend.training.engine import CallbackHook, TrainState, amp_scaler, sgd, train_steps, warmup_cosine
 from backend.training.modes import apply_mode, body_trainable, choose_mode, working_limit
 from backend.training.transforms import augment, drop_degenerate, scale_jitter
+from backend.training.validation import evaluate_model
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +56,21 @@ def box_target(image: CocoImage, width: int, height: int) -> dict:
                             "labels": torch.tensor(image.labels, dtype=torch.int64)})
 
 
-def mask_target(image: CocoImage, width: int, height: int) -> dict:
+def mask_target(image: CocoImage, width: int, height: int, per_ring: bool = True) -> dict:
     """One instance per polygon ring, as the simulator annotates a polygons project (Label Studio polygons
-    are single rings) and live training reads it: the ring's mask at the working size and its tight box.
-    Objects without a polygon are not annotated, so not trained on either."""
+    are single rings) and live training reads it, or with ``per_ring=False`` one per object (a brush project:
+    one RLE per object): the mask at the working size and its tight box. Objects without a polygon are not
+    annotated, so not trained on either."""
     from backend.labelstudio.masks import mask_box, polygon_to_mask
 
     masks, boxes, labels = [], [], []
-    for rings, label in zip(image.polygons, image.labels):
-        for ring in rings:
-            mask = polygon_to_mask(ring_to_percent(ring, image.width, image.height), width, height)
+    for index, (rings, label) in enumerate(zip(image.polygons, image.labels)):
+        if not per_ring and rings:
+            shapes = [image.mask(index, width, height)]
+        else:
+            shapes = [polygon_to_mask(ring_to_percent(ring, image.width, image.height), width, height)
+                      for ring in rings]
+        for mask in shapes:
             box = mask_box(mask)
             if box is None:  # a sliver that vanished at the working size (live training drops it too)
                 continue
@@ -79,13 +86,14 @@ class Examples:
     """The training images shrunk to the model's working limit once (kept as 8-bit PIL images, a fraction
     of a float tensor's memory), with their targets at that size."""
 
-    def __init__(self, images: list[CocoImage], limit: tuple[int, int], task: str = "boxes"):
+    def __init__(self, images: list[CocoImage], limit: tuple[int, int], task: str = "boxes", per_ring: bool = True):
         self.items = []
         for image in images:
             with Image.open(image.path) as opened:
                 pil, _ = shrink(opened.convert("RGB"), limit)
             width, height = pil.size
-            target = mask_target(image, width, height) if task == "masks" else box_target(image, width, height)
+            target = (mask_target(image, width, height, per_ring) if task == "masks"
+                      else box_target(image, width, height))
             self.items.append((pil, target))
 
     def batches(self, batch_size: int, rng: random.Random) -> Iterator[tuple[list, list]]:
@@ -102,12 +110,14 @@ class Examples:
 # --- the offline run ------------------------------------------------------------------------------
 
 def train_offline(settings: Settings, starting: StartingWeights, images: list[CocoImage], classes: tuple[str, ...],
-                  total_steps: int, device: torch.device | str = "cpu", seed: int = 0) -> torch.nn.Module:
+                  total_steps: int, device: torch.device | str = "cpu", seed: int = 0,
+                  per_ring: bool = True) -> torch.nn.Module:
     """``total_steps`` optimizer steps on ``images`` (labels index ``classes``, 1-based) from ``starting``
     with a fresh head, as a live session trains: SGD with warm-up and cosine decay, the mode
     ``choose_mode`` picks for this many images, flips / colour / scale jitter, images at the working size.
     ``settings`` gives learning_rate, batch_size, min_size, train_mode and full_after. Seeds Python's and
-    torch's global generators (the augmentation and the head's initialisation use them)."""
+    torch's global generators (the augmentation and the head's initialisation use them). ``per_ring``: see
+    ``mask_target``."""
     random.seed(seed)
     torch.manual_seed(seed)
     device = torch.device(device)
@@ -116,7 +126,7 @@ def train_offline(settings: Settings, starting: StartingWeights, images: list[Co
     apply_mode(model, mode, body_trainable(model))  # body_trainable first: apply_mode changes what it reads
     base_size = model.transform.min_size[0]
     scale_jitter(model, base_size)
-    examples = Examples(images, working_limit(model), starting.task)
+    examples = Examples(images, working_limit(model), starting.task, per_ring)
     optimizer = sgd(model, settings.learning_rate)
     warmup = min(10, total_steps // 5)
     state = TrainState(model, optimizer, warmup_cosine(optimizer, total_steps, warmup), total_steps)
@@ -154,9 +164,17 @@ def torch_home(path: str | Path | None):
             os.environ["TORCH_HOME"] = old
 
 
-def box_map(model: torch.nn.Module, images: list[CocoImage], classes: tuple[str, ...], device) -> dict:
+def test_map(model: torch.nn.Module, images: list[CocoImage], classes: tuple[str, ...], device, task: str = "boxes",
+             per_ring: bool = True) -> dict:
+    """Box mAP (``map50``, ``map``) against the COCO boxes; for a Mask R-CNN also segm mAP (``segm_map50``,
+    ``segm_map``) against the objects with polygons as the simulator annotates them (``mask_target``)."""
     scores = evaluate_map(model.to(device), images, len(classes), str(device))
-    return {"map50": round(scores["map50"], 4), "map": round(scores["map"], 4)}
+    out = {"map50": round(scores["map50"], 4), "map": round(scores["map"], 4)}
+    if task == "masks":
+        examples = [(im.id, im.load(), mask_target(im, im.width, im.height, per_ring)) for im in images]
+        segm = evaluate_model(model, examples, tuple(classes), True, device)["mask"]
+        out.update(segm_map50=round(segm["map50"], 4), segm_map=round(segm["map"], 4))
+    return out
 
 
 def sized_version(state: dict, meta: dict) -> tuple[torch.nn.Module, int]:
@@ -172,10 +190,11 @@ def sized_version(state: dict, meta: dict) -> tuple[torch.nn.Module, int]:
 
 def live_vs_offline(model_dir: Path, project: str | int, settings: Settings, annotated: dict[int, CocoImage],
                     classes: list[str], test_images: list[CocoImage], offline: bool = True, seed: int = 0,
-                    backend_torch_home: str | Path | None = None) -> dict:
-    """Box mAP of the project's active version and of the same network trained offline (see the module
-    doc) on ``test_images``. ``annotated``: task id -> the image annotated in it. ``settings``: the
-    backend's (its starting weights). Returns the report; ``{"skipped": reason}`` when it cannot compare."""
+                    backend_torch_home: str | Path | None = None, per_ring: bool = True) -> dict:
+    """Box mAP (and segm mAP for a Mask R-CNN) of the project's active version and of the same network
+    trained offline (see the module doc) on ``test_images``. ``annotated``: task id -> the image annotated in
+    it. ``settings``: the backend's (its starting weights). ``per_ring``: polygons (True) or brush (False)
+    annotations (``mask_target``). Returns the report; ``{"skipped": reason}`` when it cannot compare."""
     store = version_store(settings if settings.model_store else model_dir, str(project))  # MODEL_STORE, else the directory
     name = store.active()
     if name is None:
@@ -190,7 +209,7 @@ def live_vs_offline(model_dir: Path, project: str | int, settings: Settings, ann
     torch.set_num_threads(os.cpu_count() or 1)  # the backend is stopped or idle: every core is ours
     live, min_size = sized_version(state, meta)
     trained = [annotated[int(t)] for t in meta.get("trained_annotations", {}) if int(t) in annotated]
-    report = {"metric": "box mAP" + (" of the Mask R-CNN (masks not scored)" if task == "masks" else ""),
+    report = {"metric": "box mAP" + (", segm mAP (segm_*)" if task == "masks" else ""),
               "version": name, "final": meta.get("final"), "arch": meta["arch"], "images": len(trained),
               "test_images": len(test_images)}
     if "total_steps" in meta:
@@ -199,9 +218,8 @@ def live_vs_offline(model_dir: Path, project: str | int, settings: Settings, ann
         report["total_steps"], report["steps_note"] = int(meta["steps"]), "meta has no total_steps: used steps"
         log.warning("version %s has no total_steps; the offline run gets its steps (%d)", name, meta["steps"])
     began = time.monotonic()
-    report["live"] = box_map(live, test_images, tuple(classes), device)
-    log.info("live %s: mAP@0.5 %.3f, mAP %.3f (%.0f s)", name, report["live"]["map50"], report["live"]["map"],
-             time.monotonic() - began)
+    report["live"] = test_map(live, test_images, tuple(classes), device, task, per_ring)
+    log.info("live %s: %s (%.0f s)", name, report["live"], time.monotonic() - began)
     del live
     if len(trained) < len(annotated):
         log.warning("version %s trained on %d of the %d annotated images", name, len(trained), len(annotated))
@@ -228,13 +246,14 @@ def live_vs_offline(model_dir: Path, project: str | int, settings: Settings, ann
         full_after=int(live_settings.get("full_after", settings.full_after)))
     began = time.monotonic()
     report["mode"] = choose_mode(offline_settings, len(trained))
-    model = train_offline(offline_settings, starting, trained, tuple(classes), report["total_steps"], device, seed)
+    model = train_offline(offline_settings, starting, trained, tuple(classes), report["total_steps"], device, seed,
+                          per_ring)
     report["offline_s"] = round(time.monotonic() - began, 1)
-    report["offline"] = box_map(model, test_images, tuple(classes), device)
+    report["offline"] = test_map(model, test_images, tuple(classes), device, task, per_ring)
     report["ratio"] = {k: round(report["live"][k] / report["offline"][k], 3) if report["offline"][k] else None
-                       for k in ("map50", "map")}
-    log.info("offline: mAP@0.5 %.3f, mAP %.3f (trained in %.0f s); live/offline %s", report["offline"]["map50"],
-             report["offline"]["map"], report["offline_s"], report["ratio"])
+                       for k in report["offline"]}
+    log.info("offline: %s (trained in %.0f s); live/offline %s", report["offline"], report["offline_s"],
+             report["ratio"])
     return report
 
 

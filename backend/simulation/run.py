@@ -23,10 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path, help="COCO dataset folder (annotations.json + images)")
     p.add_argument("--images", type=int, default=100, help="how many images to label, in dataset order")
     p.add_argument("--split", default="train", help="only images whose 'split' is this ('' for all)")
-    p.add_argument("--kind", choices=("boxes", "polygons"), default="boxes",
+    p.add_argument("--kind", choices=("boxes", "polygons", "brush"), default="boxes",
                    help="boxes: RectangleLabels project, rectangle ground truth, box-IoU quality (default); "
                         "polygons: PolygonLabels project (Mask R-CNN), the COCO polygon segmentations as ground "
-                        "truth (one polygon per part), mask-IoU quality")
+                        "truth (one polygon per part), mask-IoU quality, segm mAP live vs offline; brush: the "
+                        "same as a BrushLabels project (one RLE per object)")
     p.add_argument("--order", choices=("sequential", "next"), default="sequential",
                    help="sequential: label the images in dataset order (default); next: label what Label Studio's "
                         "GET /api/projects/<id>/next/ serves (the label stream), recording per pick how many "
@@ -63,6 +64,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="after the session, save a screenshot of the backend's status page (scripts/screenshot_status.py: "
                         "playwright and Debian's chromium)")
     p.add_argument("--compare-label", default="before", help="legend label of --compare-with's curve")
+    p.add_argument("--editor-screenshot", type=Path, default=None, metavar="PNG",
+                   help="with --start-label-studio and --pool larger than --images: after the session, open the "
+                        "unlabeled task with the largest prediction in Label Studio's labeling page (chromium) "
+                        "and save a screenshot")
 
 
 def simulate(args: argparse.Namespace) -> int:
@@ -103,7 +108,7 @@ def simulate(args: argparse.Namespace) -> int:
             torch_home = env["TORCH_HOME"]
             health = backend.wait_ready(timeout=300)
             ml_url = backend.url
-            model = (health.get("mask_model") or {}) if args.kind == "polygons" else health
+            model = (health.get("mask_model") or {}) if args.kind != "boxes" else health
             log.info("livetrain %s started (%s, %s)", ml_url, model.get("model_class"), model.get("weights_source"))
         config = SimulationConfig(data=args.data, images=args.images, split=args.split, via=args.via, kind=args.kind,
                                   order=args.order, pool=args.pool,
@@ -114,6 +119,8 @@ def simulate(args: argparse.Namespace) -> int:
         summary = simulation.run()
         if args.screenshot:
             screenshot(ml_url, args.screenshot, ml_auth)
+        if args.editor_screenshot:
+            summary = editor_screenshot(simulation, args.editor_screenshot, args.start_label_studio)
         # the session has ended and its versions are on disk: stop Label Studio and a backend we started, so
         # that the offline training has the CPU to itself (a backend at --ml-url keeps running)
         stack.close()
@@ -140,6 +147,35 @@ def screenshot(ml_url: str, path: Path, auth) -> None:
         log.warning("no screenshot (%s): %s", done.returncode, done.stderr.strip()[-500:])
     else:
         log.info("status page screenshot: %s", path)
+
+
+def editor_screenshot(simulation, path: Path, started: bool, timeout: float = 600.0) -> dict:
+    """Once the final version has re-scored the unlabeled tasks, the labeling page with the largest of its
+    predictions (``backend.simulation.editor``); recorded as ``editor`` in the summary. Never fails the run."""
+    import time
+
+    from backend.simulation.editor import screenshot_prediction
+    from backend.simulation.ls_server import PASSWORD, USER
+
+    report = {"skipped": "needs --start-label-studio (the browser logs in as the user it creates)"}
+    if started:
+        deadline = time.monotonic() + timeout
+        status = simulation.project_status()
+        while time.monotonic() < deadline:  # the re-scoring of the active version writes the predictions
+            rescore = status.get("rescore") or {}
+            if rescore.get("state") in ("done", "error") and rescore.get("version") == status.get("active_version"):
+                break
+            time.sleep(2.0)
+            status = simulation.project_status()
+        try:
+            report = screenshot_prediction(simulation.ls, simulation.ls.url, USER, PASSWORD, simulation.project["id"],
+                                           status.get("active_version") or "", path)
+        except Exception as exc:  # a convenience: the numbers are in the summary either way
+            report = {"skipped": f"{type(exc).__name__}: {exc}"}
+    log.info("editor screenshot: %s", report)
+    simulation.summary["editor"] = report
+    simulation.write_summary()
+    return simulation.summary
 
 
 def backend_settings(env: dict, model_dir: Path | None):

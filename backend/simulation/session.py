@@ -19,6 +19,8 @@ Two kinds of project (``kind``, ``livetrain simulate --kind``):
   and the pre-label is scored with **mask IoU**: each predicted result is one region, each ground-truth
   object is the union of its rings, both rasterised at the image size (``MASK_MAX_SIDE`` at most).
   Objects without a polygon (RLE / iscrowd) are neither annotated nor scored.
+- ``brush``: a BrushLabels config (Mask R-CNN); the ground truth is one brush RLE per object (all its rings
+  painted as one region, as a person paints an object), scored with mask IoU as for polygons.
 
 After the last image the simulator waits for the project's training session to end, so that the active
 version is the session's final one; ``compare_with_offline`` then scores it against the same network
@@ -38,12 +40,14 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import requests
+from PIL import Image
 
 from backend.labelstudio.annotations import box_to_pixels
 from backend.labelstudio.convert import box_to_region, region_id
 from backend.labelstudio.label_config import parse_label_config
-from backend.labelstudio.masks import polygon_to_mask
+from backend.labelstudio.masks import mask_to_rle, polygon_to_mask, rle_to_mask
 from backend.metrics.quality import MaskCrop, Quality, mask_iou, quality
 from backend.simulation.ls_api import LabelStudioAPI
 from backend.simulation.picks import next_pick, staleness_summary
@@ -52,8 +56,9 @@ from backend.training.coco import CocoImage, load_coco, ring_to_percent
 log = logging.getLogger(__name__)
 
 ROLLING = 10  # images in the rolling quality window
-KINDS = {"boxes": "RectangleLabels", "polygons": "PolygonLabels"}  # --kind -> the label config's control tag
-MASK_MAX_SIDE = 1024  # polygons kind: masks are compared at the image size, scaled down to at most this
+KINDS = {"boxes": "RectangleLabels", "polygons": "PolygonLabels", "brush": "BrushLabels"}  # --kind -> control tag
+MASK_KINDS = ("polygons", "brush")  # the kinds a Mask R-CNN learns
+MASK_MAX_SIDE = 1024  # mask kinds: masks are compared at the image size, scaled down to at most this
 
 
 @dataclass
@@ -62,7 +67,7 @@ class SimulationConfig:
     images: int = 100
     split: str = "train"
     via: str = "label-studio"  # or "backend"
-    kind: str = "boxes"  # or "polygons" (see the module doc)
+    kind: str = "boxes"  # or "polygons" or "brush" (see the module doc)
     pace: float | None = 10.0  # seconds per image; None: wait for the triggered round to finish
     title: str = "livetrain simulation"
     wait_timeout: float = 900.0
@@ -87,10 +92,13 @@ def _control(classes: tuple[str, ...], kind: str = "boxes"):
 
 def ground_truth_result(image: CocoImage, classes: list[str], kind: str = "boxes") -> list[dict]:
     """The image's objects as Label Studio results (percent of the image), as a person draws them:
-    rectangles, or for ``kind="polygons"`` one closed polygon per ring of each object's segmentation."""
+    rectangles, for ``kind="polygons"`` one closed polygon per ring of each object's segmentation, for
+    ``kind="brush"`` one brush RLE per object."""
     control = _control(tuple(classes), kind)
     if kind == "polygons":
         return _polygon_results(image, classes, control)
+    if kind == "brush":
+        return _brush_results(image, classes, control)
     out = []
     for box, label in zip(image.boxes, image.labels):
         region = box_to_region(box, classes[label - 1], 1.0, image.width, image.height, control)
@@ -115,6 +123,21 @@ def _polygon_results(image: CocoImage, classes: list[str], control) -> list[dict
     return out
 
 
+def _brush_results(image: CocoImage, classes: list[str], control) -> list[dict]:
+    out = []
+    for i, label in enumerate(image.labels):
+        if i >= len(image.polygons) or not image.polygons[i]:
+            continue
+        mask = image.mask(i)
+        if not mask.any():
+            continue  # covers no pixel centre: nothing to paint
+        out.append({"id": region_id(), "from_name": control.from_name, "to_name": control.to_name,
+                    "type": "brushlabels", "original_width": int(image.width), "original_height": int(image.height),
+                    "image_rotation": 0, "value": {"format": "rle", "rle": mask_to_rle(mask),
+                                                   "brushlabels": [classes[label - 1]]}})
+    return out
+
+
 def mask_size(width: int, height: int) -> tuple[int, int]:
     """The size masks are compared at: the image's, scaled down so that its longer side is MASK_MAX_SIDE at most."""
     scale = min(1.0, MASK_MAX_SIDE / max(width, height))
@@ -135,18 +158,25 @@ def truth_masks(image: CocoImage, classes: list[str]) -> list[tuple]:
 
 
 def predicted_masks(result: list[dict], width: int, height: int) -> list[tuple]:
-    """(MaskCrop at ``mask_size``, label, score) for each polygon of a Label Studio prediction result: each
-    result is one region (the parts of a multi-part prediction count separately, as a person edits them)."""
+    """(MaskCrop at ``mask_size``, label, score) for each polygon or brush region of a Label Studio prediction
+    result: each result is one region (the parts of a multi-part prediction count separately, as a person
+    edits them)."""
     w, h = mask_size(width, height)
     out = []
     for region in result or []:
         value = region.get("value") or {}
-        labels = value.get("polygonlabels") or []
+        labels = value.get("polygonlabels") or value.get("brushlabels") or []
         if not labels:
             continue
         try:
-            crop = MaskCrop.from_full(polygon_to_mask(value.get("points"), w, h))
-        except ValueError:  # fewer than 3 usable points: not a shape
+            if "polygonlabels" in value:
+                crop = MaskCrop.from_full(polygon_to_mask(value.get("points"), w, h))
+            else:  # an RLE of the image's size, compared at mask_size
+                mask = rle_to_mask(value.get("rle"), width, height)
+                if (w, h) != (width, height):
+                    mask = np.asarray(Image.fromarray(mask).resize((w, h), Image.NEAREST))
+                crop = MaskCrop.from_full(mask)
+        except ValueError:  # fewer than 3 usable points, or an RLE of another size: not a shape
             continue
         out.append((crop, labels[0], float(region.get("score", 0.0) or 0.0)))
     return out
@@ -154,8 +184,8 @@ def predicted_masks(result: list[dict], width: int, height: int) -> list[tuple]:
 
 def score_prediction(result: list[dict], image: CocoImage, classes: list[str], kind: str = "boxes") -> Quality:
     """The model quality score of a pre-label against the image's ground truth: box IoU, or mask IoU for
-    ``kind="polygons"``."""
-    if kind == "polygons":
+    the mask kinds."""
+    if kind in MASK_KINDS:
         return quality(predicted_masks(result, image.width, image.height), truth_masks(image, classes),
                        overlap=mask_iou)
     truth = [(tuple(b), classes[label - 1]) for b, label in zip(image.boxes, image.labels)]
@@ -194,7 +224,7 @@ class Simulation:
             raise ValueError(f"no images of split {self.config.split!r} in {self.config.data}")
         if self.config.kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.config.kind!r}")
-        if self.config.kind == "polygons" and not any(im.has_polygons for im in chosen):
+        if self.config.kind in MASK_KINDS and not any(im.has_polygons for im in chosen):
             raise ValueError(f"no polygon segmentations in {self.config.data}: simulate it with kind 'boxes'")
         self.classes = classes
         self.project = self.ls.create_project(self.config.title, label_config(classes, self.config.kind))
@@ -302,7 +332,7 @@ class Simulation:
                                        **{k: v for k, v in summarize(previous, 0.0).items() if k in COMPARED}}
         self.summary = summary
         self.write_summary()
-        overlap = "mask IoU" if self.config.kind == "polygons" else "box IoU"
+        overlap = "mask IoU" if self.config.kind in MASK_KINDS else "box IoU"
         plot(records, self.out_dir / "quality.png", title=f"{self.config.title} ({overlap}, via {self.config.via})",
              previous=previous, previous_label=self.config.compare_label)
         return summary
@@ -334,7 +364,8 @@ class Simulation:
             test = test[:test_images] if test_images > 0 else test
             annotated = {task["id"]: image for image, task in zip(self.images, self.tasks)}
             report = live_vs_offline(model_dir, self.project["id"], settings, annotated, classes, test,
-                                     offline=offline, seed=seed, backend_torch_home=torch_home)
+                                     offline=offline, seed=seed, backend_torch_home=torch_home,
+                                     per_ring=self.config.kind != "brush")
             if "skipped" not in report:
                 report["test_split"] = test_split
         self.summary["live_vs_offline"] = report
