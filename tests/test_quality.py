@@ -3,7 +3,8 @@
 import pytest
 
 from backend.metrics.quality import quality
-from backend.simulation.session import ground_truth_result, predicted_boxes, summarize
+from backend.simulation.session import summarize
+from backend.simulation.truth import ground_truth_result, predicted_boxes
 from backend.training.coco import CocoImage
 
 GT = [((10, 10, 50, 50), "A"), ((100, 100, 140, 140), "B")]

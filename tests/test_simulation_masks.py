@@ -7,7 +7,7 @@ import pytest
 
 from backend.labelstudio.annotations import labeled_image
 from backend.labelstudio.masks import mask_to_rle, rle_to_mask
-from backend.simulation.session import (_control, ground_truth_result, label_config, predicted_masks,
+from backend.simulation.truth import (_control, ground_truth_result, label_config, predicted_masks,
                                         score_prediction, truth_masks)
 from backend.training.coco import CocoImage, load_coco
 
