@@ -99,7 +99,7 @@ def new_task(ls: LabelStudioAPI, project: int, name: str, png: bytes) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--objects", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ragged", type=float, default=0.3, help="random ripples of the ragged masks' outlines")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
@@ -110,6 +110,7 @@ def main() -> int:
     cases = [("no prediction", "PolygonLabels", smooth, None),
              ("polygons", "PolygonLabels", smooth, {}),
              ("polygons, ragged masks", "PolygonLabels", ragged, {}),
+             ("polygons, ragged, POLYGON_TOTAL_POINTS=3000", "PolygonLabels", ragged, {"POLYGON_TOTAL_POINTS": "3000"}),
              ("polygons, ragged, no POLYGON_TOTAL_POINTS", "PolygonLabels", ragged, unbounded),
              ("brush", "BrushLabels", smooth, {}),
              ("brush, MASK_OUTPUT=semantic", "BrushLabels", smooth, {"MASK_OUTPUT": "semantic"})]

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from backend.model_store.weights import StartingWeightsByTask  # noqa: E402
 from backend.settings import Settings  # noqa: E402
-from backend.simulation.offline import test_map, train_offline  # noqa: E402
+from backend.simulation.offline import split_map, train_offline  # noqa: E402
 from backend.training.coco import load_coco  # noqa: E402
 
 
@@ -69,7 +69,7 @@ def main() -> int:
         began = time.perf_counter()
         model = train_offline(run_settings, starting, train, tuple(classes), variant["steps"], "cpu", args.seed)
         seconds = time.perf_counter() - began
-        scores = test_map(model, test, tuple(classes), "cpu", "masks")
+        scores = split_map(model, test, tuple(classes), "cpu", "masks")
         rows.append({"variant": text, **variant, "working_size": model.transform.min_size[0],
                      "s_per_step": round(seconds / variant["steps"], 3), **scores})
         print(json.dumps(rows[-1]), flush=True)

@@ -32,6 +32,7 @@ def browser():
         yield chromium
         chromium.close()
 
+
 BOX_CONFIG = """<View>
   <Image name="image" value="$image"/>
   <RectangleLabels name="label" toName="image" model_score_threshold="0.5">

@@ -428,7 +428,7 @@ def test_the_editor_shows_the_prediction_and_trains_on_what_the_annotator_submit
     one vertex, in the brush project accepts the masks as they are; Submit stores that, and the next version is
     trained on exactly that annotation."""
     from backend.labelstudio.masks import rle_to_mask
-    from backend.simulation.editor import LabelingPage
+    from backend.simulation.editor import LISTED, LabelingPage
     from backend.simulation.ls_server import PASSWORD, USER
 
     version, kind, result_type = mask_project["version"], mask_project["kind"], mask_project["type"]
@@ -442,7 +442,9 @@ def test_the_editor_shows_the_prediction_and_trains_on_what_the_annotator_submit
         shown = page.open(mask_project["id"], task_id, len(regions))
         labels = sorted(r["value"][result_type][0] for r in regions)
         assert sorted(r["value"][result_type][0] for r in shown.draft) == labels
-        assert sorted(shown.outliner) == labels  # what the annotator sees listed: one item per region
+        if len(regions) <= LISTED:  # what the annotator sees listed: one item per region (a virtual list past that)
+            assert sorted(shown.outliner) == labels
+        assert shown.outliner and set(shown.outliner) <= set(labels)
         assert {r["id"] for r in shown.draft} == {r["id"] for r in regions}
         by_id = {r["id"]: r for r in regions}
         for drawn in shown.draft:
@@ -482,7 +484,7 @@ def test_the_editor_shows_the_prediction_and_trains_on_what_the_annotator_submit
             expected[i] = [expected[i][0] + dx, expected[i][1] + dy]
         assert same_points(region["value"]["points"], expected, 0.3), (region_id, moved, region["value"]["points"])
     assert moved is None or stored[moved[0]]["value"]["points"][moved[1]] != by_id[moved[0]]["value"]["points"][moved[1]]
-    mask_project["annotated"].add(task_id)
+    mask_project["annotated"].add(next(i for i, t in enumerate(mask_project["tasks"]) if t["id"] == task_id))
     wait_until(lambda: idle_with(livetrain, mask_project,
                                  lambda v: v["trained_annotations"].get(str(task_id)) == annotation["updated_at"]),
                timeout=ROUND_TIMEOUT, interval=1.0, what=f"a {kind} version trained on the annotation the editor submitted")

@@ -200,7 +200,7 @@ class Predictor:
     def __init__(self, pool: ModelPool | None, fetcher: ImageFetcher, score_threshold: float, max_detections: int,
                  uncertainty: str = "mean_confidence", skip_annotated: bool = False, mask_output: str = "instance",
                  polygon_tolerance: float = 1.5, polygon_max_points: int = 200, mask_min_part: float = 0.1,
-                 polygon_total_points: int = 3000):
+                 polygon_total_points: int = 1500):
         self.pool = pool
         self.polygon_total_points = polygon_total_points
         self.mask_min_part = mask_min_part

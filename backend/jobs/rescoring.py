@@ -149,23 +149,22 @@ def has_version(task: dict, version: str) -> bool:
     return any(p.get("model_version") == version for p in task.get("predictions") or ())
 
 
-# The tasks an annotator working through the list opens next (the data manager's order and Label Studio's
-# sequential sampling go by id). Opening a task that has any prediction never makes Label Studio ask /predict
-# (tasks/api.py), and from the label stream's cold start on every task has one, so without this the task
-# opened next would show whatever old version re-scoring last reached. The stream itself picks among all the
-# tasks the batch scored, so these few slots of the first batch cost it little.
+# The tasks an annotator going down the task list opens next (the data manager lists by id). Opening a task
+# that has any prediction never makes Label Studio ask /predict (tasks/api.py), and from the label stream's cold
+# start on every task has one, so without this the task opened next would show whatever old version re-scoring
+# last reached. The stream picks among every task the batch scored, so these few slots cost it little.
 NEXT_IN_LINE = 4
 
 
 def plan_rescore(tasks: list[dict], version: str, limit: int) -> list[dict]:
-    """The tasks to score with ``version``: first the NEXT_IN_LINE lowest ids, then the most useful: never
-    scored; then the stalest (the newest scored prediction of the oldest version: with a version every few
+    """The tasks to score with ``version``: first those of the NEXT_IN_LINE lowest ids, then the most useful:
+    never scored; then the stalest (the newest scored prediction of the oldest version: with a version every few
     seconds each job is superseded after a batch or two, and Label Studio shows a task's stored prediction,
     never asking again, so stale ones must come round); then the lowest previous score (ties by id). With
     ``limit``, at most that many tasks carry the version, counting those already done."""
     done = sum(1 for t in tasks if has_version(t, version))
     todo = [t for t in tasks if not has_version(t, version)]
-    in_line = {t["id"] for t in sorted(todo, key=lambda t: t["id"])[:NEXT_IN_LINE]}
+    in_line = {t["id"] for t in sorted(tasks, key=lambda t: t["id"])[:NEXT_IN_LINE]}  # those done stay done
 
     def usefulness(task):
         scored = [p for p in task.get("predictions") or () if isinstance(p.get("score"), (int, float))]

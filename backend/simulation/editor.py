@@ -15,15 +15,20 @@ How the page is read:
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")  # Debian's; another build's binary via CHROMIUM_PATH
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
-# the annotator's draft as Label Studio would submit it: one result per region (an RLE region carries its rle)
+# the annotator's draft as Label Studio would submit it: one result per region (an RLE region carries its rle).
+# Serializing re-encodes every brush region through an image-size canvas, so it is read once, not polled.
 _DRAFT = "(window.Htx && window.Htx.annotationStore.selected) ? window.Htx.annotationStore.selected.serializeAnnotation() : null"
+# how many regions the draft holds, cheaply (what the wait polls)
+_REGIONS = "(window.Htx && window.Htx.annotationStore.selected) ? window.Htx.annotationStore.selected.regions.length : -1"
+LISTED = 5  # the Regions panel is a virtual list: at the default viewport it renders the first ~7 items only
 # the task image as the editor shows it: the largest decoded <img> on the page (thumbnails in the task list are small)
 _IMAGE_BOX = """(() => {
   const shown = Array.from(document.querySelectorAll('img')).filter(e => e.naturalWidth > 0)
@@ -34,9 +39,9 @@ _IMAGE_BOX = """(() => {
 
 @dataclass
 class Shown:
-    seconds: float  # from the start of the navigation until the editor held and listed every expected region
+    seconds: float  # from the navigation's start until the editor held every region, the image was drawn and the outliner listed them
     draft: list  # the annotator's draft (Label Studio results)
-    outliner: list[str]  # the label of each region the outliner lists
+    outliner: list[str]  # the label of each region the outliner lists (the first LISTED at least; it renders only what fits)
 
 
 class LabelingPage:
@@ -52,36 +57,40 @@ class LabelingPage:
         self.page.fill("input[name=email]", user)
         self.page.fill("input[name=password]", password)
         self.page.click("button[type=submit]")
+        try:
+            self.page.wait_for_url(lambda url: "/user/login" not in url, timeout=30000)
+        except Exception:  # playwright's TimeoutError: still on the login page
+            raise RuntimeError(f"Label Studio at {self.url} refused the login of {user}") from None
         self.page.wait_for_load_state("networkidle")
-        if "/user/login" in self.page.url:
-            raise RuntimeError(f"Label Studio at {self.url} refused the login of {user}")
 
     def open(self, project: int, task: int, regions: int, timeout: float = 60.0) -> Shown:
         """Open ``task`` as an annotator does (the task in the project's data manager) and wait until the editor
-        holds ``regions`` regions and the outliner lists them; ``seconds`` counts from the navigation's start,
-        as the page's own clock (``performance.now()``) does."""
+        holds ``regions`` regions, has drawn the task's image and the outliner lists them (the first LISTED:
+        it renders only what fits); ``seconds`` counts from the navigation's start, as the page's own clock
+        (``performance.now()``) does."""
         from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
         began = time.monotonic()
         self.page.goto(f"{self.url}/projects/{project}/data?task={task}")
-        try:  # one snapshot, taken when the condition first holds: the draft, the outliner, the page's clock
+        try:  # one snapshot, taken when the condition first holds: the outliner and the page's clock
             shown = self.page.wait_for_function(
-                f"""(() => {{ const d = {_DRAFT};
-                     const listed = Array.from(document.querySelectorAll('.lsf-outliner-item__title'))
+                f"""(() => {{ const listed = Array.from(document.querySelectorAll('.lsf-outliner-item__title'))
                                          .map(e => e.innerText.trim()).filter(t => t);
-                     return d !== null && d.length === {regions} && listed.length >= Math.min({regions}, 1)
-                            && {{draft: d, listed: listed, now: performance.now()}}; }})()""",
+                     const drawn = Array.from(document.querySelectorAll('img'))
+                                         .some(e => e.complete && e.naturalWidth > 0 && e.getBoundingClientRect().width > 200);
+                     return ({_REGIONS}) === {regions} && drawn && listed.length >= Math.min({regions}, {LISTED})
+                            && {{listed: listed, now: performance.now()}}; }})()""",
                 timeout=timeout * 1000, polling=50).json_value()
         except PlaywrightTimeout:
-            draft = self.page.evaluate(_DRAFT)
+            held = self.page.evaluate(_REGIONS)
             raise TimeoutError(f"task {task} of project {project}: after {timeout:.0f} s the editor holds "
-                               f"{'no annotation' if draft is None else f'{len(draft)} regions'}, not {regions} "
+                               f"{'no annotation' if held < 0 else f'{held} regions'}, not {regions} "
                                f"({self.page.url}; page errors: {self.problems})") from None
         seconds = shown["now"] / 1000.0
         if not 0 < seconds <= time.monotonic() - began + 1.0:  # the page's clock must agree with ours
             seconds = time.monotonic() - began
         self.page.wait_for_load_state("networkidle")  # the data manager settles before anyone clicks
-        return Shown(seconds, shown["draft"], shown["listed"])
+        return Shown(seconds, self.draft(), shown["listed"])
 
     def draft(self) -> list:
         return self.page.evaluate(_DRAFT) or []

@@ -164,14 +164,14 @@ def torch_home(path: str | Path | None):
             os.environ["TORCH_HOME"] = old
 
 
-def test_map(model: torch.nn.Module, images: list[CocoImage], classes: tuple[str, ...], device, task: str = "boxes",
-             per_ring: bool = True) -> dict:
+def split_map(model: torch.nn.Module, images: list[CocoImage], classes: tuple[str, ...], device, task: str = "boxes",
+              per_ring: bool = True) -> dict:
     """Box mAP (``map50``, ``map``) against the COCO boxes; for a Mask R-CNN also segm mAP (``segm_map50``,
     ``segm_map``) against the objects with polygons as the simulator annotates them (``mask_target``)."""
     scores = evaluate_map(model.to(device), images, len(classes), str(device))
     out = {"map50": round(scores["map50"], 4), "map": round(scores["map"], 4)}
-    if task == "masks":
-        examples = [(im.id, im.load(), mask_target(im, im.width, im.height, per_ring)) for im in images]
+    if task == "masks" and model.roi_heads.has_mask():
+        examples = ((im.id, im.load(), mask_target(im, im.width, im.height, per_ring)) for im in images)  # one at a time
         segm = evaluate_model(model, examples, tuple(classes), True, device)["mask"]
         out.update(segm_map50=round(segm["map50"], 4), segm_map=round(segm["map"], 4))
     return out
@@ -218,7 +218,7 @@ def live_vs_offline(model_dir: Path, project: str | int, settings: Settings, ann
         report["total_steps"], report["steps_note"] = int(meta["steps"]), "meta has no total_steps: used steps"
         log.warning("version %s has no total_steps; the offline run gets its steps (%d)", name, meta["steps"])
     began = time.monotonic()
-    report["live"] = test_map(live, test_images, tuple(classes), device, task, per_ring)
+    report["live"] = split_map(live, test_images, tuple(classes), device, task, per_ring)
     log.info("live %s: %s (%.0f s)", name, report["live"], time.monotonic() - began)
     del live
     if len(trained) < len(annotated):
@@ -249,7 +249,7 @@ def live_vs_offline(model_dir: Path, project: str | int, settings: Settings, ann
     model = train_offline(offline_settings, starting, trained, tuple(classes), report["total_steps"], device, seed,
                           per_ring)
     report["offline_s"] = round(time.monotonic() - began, 1)
-    report["offline"] = test_map(model, test_images, tuple(classes), device, task, per_ring)
+    report["offline"] = split_map(model, test_images, tuple(classes), device, task, per_ring)
     report["ratio"] = {k: round(report["live"][k] / report["offline"][k], 3) if report["offline"][k] else None
                        for k in report["offline"]}
     log.info("offline: %s (trained in %.0f s); live/offline %s", report["offline"], report["offline_s"],
