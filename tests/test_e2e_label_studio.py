@@ -417,6 +417,31 @@ def test_mask_predictions_rescored_and_served_lowest_score_first(ls, livetrain, 
     assert served["id"] in allowed, (served["id"], allowed, keys)
 
 
+def inside(point, polygon) -> bool:
+    """Ray casting: is ``point`` inside ``polygon`` (both in percent)?"""
+    x, y, found = point[0], point[1], False
+    for (x1, y1), (x2, y2) in zip(polygon, polygon[1:] + polygon[:1]):
+        if (y1 > y) != (y2 > y) and x < x1 + (y - y1) * (x2 - x1) / (y2 - y1):
+            found = not found
+    return found
+
+
+def free_vertex(polygons: list, box) -> tuple[int, int, tuple[float, float]]:
+    """(polygon index, vertex index, drag in screen pixels): a vertex away from the image's edges whose start, path
+    and end lie in no other polygon (predictions of a young model overlap), the farthest from the edges first."""
+    candidates = []
+    for index, points in enumerate(polygons):
+        others = [p for j, p in enumerate(polygons) if j != index]
+        for vertex, (x, y) in enumerate(points):
+            by = (20.0 if x < 50 else -20.0, 20.0 if y < 50 else -20.0)
+            path = [(x + f * 100 * by[0] / box[2], y + f * 100 * by[1] / box[3]) for f in (0.0, 0.5, 1.0)]
+            if not any(inside(p, other) for p in path for other in others):
+                candidates.append((min(x, 100 - x, y, 100 - y), index, vertex, by))
+    assert candidates, f"every vertex of the {len(polygons)} predicted polygons lies in another one"
+    _, index, vertex, by = max(candidates)
+    return index, vertex, by
+
+
 def same_points(a: list, b: list, tolerance: float) -> bool:
     return len(a) == len(b) and all(abs(p - q) <= tolerance for u, v in zip(a, b) for p, q in zip(u, v))
 
@@ -454,17 +479,11 @@ def test_the_editor_shows_the_prediction_and_trains_on_what_the_annotator_submit
             else:
                 assert (rle_to_mask(drawn["value"]["rle"], W, H) == rle_to_mask(mine["rle"], W, H)).all()
         moved = None
-        if kind == "polygon":  # drag the vertex farthest from the image's edges 20 px towards the image's centre
-            region = max(regions, key=lambda r: len(r["value"]["points"]))
-            points = region["value"]["points"]
-            vertex = max(range(len(points)), key=lambda i: min(points[i][0], 100 - points[i][0], points[i][1],
-                                                               100 - points[i][1]))
-            inside = (sum(x for x, _ in points) / len(points), sum(y for _, y in points) / len(points))
-            x, y = points[vertex]
-            by = (20.0 if x < 50 else -20.0, 20.0 if y < 50 else -20.0)
+        if kind == "polygon":  # drag a vertex 20 px towards the image's centre, where no other region lies
             box = page.image_box()
-            page.drag_point(inside, (x, y), by)
-            moved = (region["id"], vertex, (100 * by[0] / box[2], 100 * by[1] / box[3]))
+            index, vertex, by = free_vertex([r["value"]["points"] for r in shown.draft], box)
+            page.drag_point(index, shown.draft[index]["value"]["points"][vertex], by)
+            moved = (shown.draft[index]["id"], vertex, (100 * by[0] / box[2], 100 * by[1] / box[3]))
         page.submit()
         assert not page.problems, page.problems
     finally:

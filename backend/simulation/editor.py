@@ -109,10 +109,11 @@ class LabelingPage:
         x, y, width, height = self.image_box()
         return x + point[0] / 100 * width, y + point[1] / 100 * height
 
-    def drag_point(self, inside: tuple[float, float], point: tuple[float, float], by: tuple[float, float]) -> None:
-        """Select the region under ``inside`` (percent), then drag its vertex at ``point`` (percent) by ``by``
-        screen pixels, in small moves, as a hand does."""
-        self.page.mouse.click(*self.at(inside))
+    def drag_point(self, region: int, point: tuple[float, float], by: tuple[float, float]) -> None:
+        """Select the ``region``-th region in the Regions panel (listed in the draft's order), then drag its vertex
+        at ``point`` (percent of the image) by ``by`` screen pixels, in small moves, as a hand does. Selecting in
+        the panel, not on the canvas: overlapping predictions make a click on the image pick whichever is on top."""
+        self.page.locator(".lsf-outliner-item").nth(region).click()
         self.page.wait_for_timeout(300)
         x, y = self.at(point)
         self.page.mouse.move(x, y)
