@@ -10,9 +10,9 @@ import numpy as np
 from PIL import Image
 
 from backend.labelstudio.annotations import box_to_pixels
-from backend.labelstudio.convert import box_to_region, region_id
+from backend.labelstudio.convert import box_to_region, mask_to_regions, region_id
 from backend.labelstudio.label_config import parse_label_config
-from backend.labelstudio.masks import mask_to_rle, polygon_to_mask, rle_to_mask
+from backend.labelstudio.masks import polygon_to_mask, rle_to_mask
 from backend.metrics.quality import MaskCrop, Quality, mask_iou, quality
 from backend.training.coco import CocoImage, ring_to_percent
 
@@ -67,17 +67,11 @@ def _polygon_results(image: CocoImage, classes: list[str], control) -> list[dict
 
 
 def _brush_results(image: CocoImage, classes: list[str], control) -> list[dict]:
+    """One full-frame RLE per object with a polygon, as /predict writes brush regions, without a score."""
     out = []
     for i, label in enumerate(image.labels):
-        if i >= len(image.polygons) or not image.polygons[i]:
-            continue
-        mask = image.mask(i)
-        if not mask.any():
-            continue  # covers no pixel centre: nothing to paint
-        out.append({"id": region_id(), "from_name": control.from_name, "to_name": control.to_name,
-                    "type": "brushlabels", "original_width": int(image.width), "original_height": int(image.height),
-                    "image_rotation": 0, "value": {"format": "rle", "rle": mask_to_rle(mask),
-                                                   "brushlabels": [classes[label - 1]]}})
+        if i < len(image.polygons) and image.polygons[i]:  # a mask covering no pixel centre yields no region
+            out += mask_to_regions(image.mask(i), (0, 0), classes[label - 1], None, image.width, image.height, control)
     return out
 
 
