@@ -23,7 +23,7 @@ ARCHITECTURES = (
     "fasterrcnn_mobilenet_v3_large_fpn",
     "fasterrcnn_resnet50_fpn_v2",
 )
-MASK_ARCHITECTURES = ("auto", "maskrcnn_lite0_fpn", "maskrcnn_lite0_slim", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")
+MASK_ARCHITECTURES = ("auto", "maskrcnn_lite0_fpn", "maskrcnn_lite0_fpn128", "maskrcnn_lite0_slim", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")
 
 
 def _bool(text: str) -> bool:
@@ -57,7 +57,7 @@ class Settings:
     webhook_secret: str = field(default="", metadata={"env": "WEBHOOK_SECRET", "doc": "When set, `POST /webhook` without valid Basic auth must carry the header `X-Livetrain-Secret: <this value>` (add it to the webhook in Label Studio's project Settings > Webhooks); otherwise 401. Empty: webhooks without credentials are accepted (they are only notifications)."})
     # Model
     model_arch: str = field(default="auto", metadata={"env": "MODEL_ARCH", "doc": "Detector architecture for RectangleLabels projects: " + ", ".join(ARCHITECTURES) + ". `auto`: COCO-pretrained fasterrcnn_mobilenet_v3_large_320_fpn when its weights can be had, else fasterrcnn_lite0_fpn128 with the offline ImageNet backbone (fasterrcnn_lite0_fpn, the default before, is its 256-channel FPN: as accurate, ~1.8x the forward time)."})
-    mask_arch: str = field(default="auto", metadata={"env": "MASK_ARCH", "doc": "Mask R-CNN architecture for PolygonLabels / BrushLabels projects: " + ", ".join(MASK_ARCHITECTURES) + ". `auto`: maskrcnn_lite0_fpn with the offline ImageNet backbone (the ResNet-50 ones load torchvision's COCO weights from TORCH_HOME or download them; they work at 800 px on a ResNet-50 and are far heavier per step on a CPU)."})
+    mask_arch: str = field(default="auto", metadata={"env": "MASK_ARCH", "doc": "Mask R-CNN architecture for PolygonLabels / BrushLabels projects: " + ", ".join(MASK_ARCHITECTURES) + ". `auto`: maskrcnn_lite0_slim with the offline ImageNet backbone (FPN 128, box head 512, mask head 64: on facades it pre-labels earlier and better live than the wider maskrcnn_lite0_fpn, docs/segmentation.md) (the ResNet-50 ones load torchvision's COCO weights from TORCH_HOME or download them; they work at 800 px on a ResNet-50 and are far heavier per step on a CPU)."})
     weights_path: str = field(default="", metadata={"env": "WEIGHTS_PATH", "doc": "Local starting weights (a torchvision COCO detector file). Tried first, for the projects of its kind (a Mask R-CNN file for mask projects, a Faster R-CNN file for box projects)."})
     weights_sha256: str = field(default="", metadata={"env": "WEIGHTS_SHA256", "doc": "Expected sha256 of WEIGHTS_PATH; when empty, the hash torchvision publishes for that file name is used if known."})
     download_weights: bool = field(default=True, metadata={"env": "DOWNLOAD_WEIGHTS", "doc": "Try torchvision's COCO weights (cache in TORCH_HOME, else download) when WEIGHTS_PATH is unset."})
@@ -85,6 +85,7 @@ class Settings:
     guard: bool = field(default=True, metadata={"env": "GUARD", "doc": "Version guard: a new version becomes active only if it is not worse than the active one by more than GUARD_MARGIN (validation mAP when there is a split, else the live quality of images it had not trained on); otherwise it is kept, marked held back, and training continues from the better weights."})
     guard_margin: float = field(default=0.05, metadata={"env": "GUARD_MARGIN", "doc": "How much worse (absolute, on a 0-1 score) a new version may be than the active one before the guard holds it back."})
     lock_ttl: float = field(default=60.0, metadata={"env": "LOCK_TTL", "doc": "Seconds a dead worker's project lock survives; a live worker renews it while training."})
+    rois_per_image: int = field(default=0, metadata={"env": "ROIS_PER_IMAGE", "doc": "RoIs sampled per training image for the box and mask losses, a quarter of them at most on objects (0 = the architecture's: 128 for the Lite0 models, 512 for torchvision's). Facade photos hold ~35 objects, more than 128 RoIs' quarter: 256 teaches the mask head more objects per step, at a higher step cost (docs/segmentation.md)."})
     # CPU shares: web (/predict), trainer and re-scoring run in their own processes
     train_threads: int = field(default=0, metadata={"env": "TRAIN_THREADS", "doc": "Torch threads of the training worker (0 = one per CPU core but one, left to the web process and re-scoring: on 2 cores a 2-thread trainer beside a busy re-scoring worker stalls at every OpenMP barrier, 3.3-3.8 s per step instead of ~1.3 s with one thread)."})
     rescore_threads: int = field(default=1, metadata={"env": "RESCORE_THREADS", "doc": "Torch threads of the re-scoring worker (re-scoring and Complete jobs)."})
@@ -169,6 +170,8 @@ class Settings:
             raise ValueError("PUBLISH_INTERVAL and SESSION_SLICE must be above 0 and IDLE_AFTER at least 0")
         if self.warmup_steps < 0 or self.decay_steps < 0 or self.checkpoint_every < 1:
             raise ValueError("WARMUP_STEPS and DECAY_STEPS must be 0 or more and CHECKPOINT_EVERY at least 1")
+        if self.rois_per_image < 0:
+            raise ValueError(f"ROIS_PER_IMAGE must be 0 (the architecture's) or more, got {self.rois_per_image}")
         if self.train_threads < 0 or self.rescore_threads < 0:
             raise ValueError("TRAIN_THREADS and RESCORE_THREADS must be 0 (all cores) or more")
         if self.uncertainty not in ("least_confidence", "mean_confidence", "class_weighted", "entropy", "flip_stability"):

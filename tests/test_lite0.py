@@ -210,6 +210,18 @@ def test_missing_weights_path_raises(tmp_path):
 
 # --- the slim variants ------------------------------------------------------------------------
 
+def test_fpn128_mask_variant_narrows_only_the_fpn_and_rpn_head():
+    from backend.model_store.architectures import build_detector
+
+    model = build_detector("maskrcnn_lite0_fpn128", 3, pretrained_backbone=False, min_size=128, max_size=256)
+    assert model.backbone.out_channels == L.FPN128["fpn_channels"] == model.rpn.head.conv[0][0].out_channels
+    assert model.roi_heads.box_head.fc7.out_features == 1024  # torchvision's box head, as the box default
+    assert model.roi_heads.mask_predictor.conv5_mask.out_channels == L.MASK_HEAD_CHANNELS
+    images, targets = _images_and_targets(masks=True)
+    model.train()
+    assert torch.isfinite(model(images, targets)["loss_mask"])
+
+
 @pytest.mark.parametrize("arch,wide", [("fasterrcnn_lite0_slim", "fasterrcnn_lite0_fpn"),
                                        ("maskrcnn_lite0_slim", "maskrcnn_lite0_fpn")])
 def test_slim_variant_has_the_pretrained_body_and_narrow_parts_and_round_trips(arch, wide, tmp_path):

@@ -342,12 +342,12 @@ def test_mask_rounds_learn_shapes_mask_ap(tmp_path, image_server):
     torch.manual_seed(0)
     settings = settings_for(tmp_path, batch_size=4, learning_rate=0.02, full_after=1000)
     starting = resolve_starting_weights(settings.mask_arch, download=False, task="masks")
-    assert (starting.arch, starting.source) == ("maskrcnn_lite0_fpn", "imagenet-lite0")
+    assert (starting.arch, starting.source) == ("maskrcnn_lite0_slim", "imagenet-lite0")
     fetcher = ImageFetcher(settings)
     records = mask_records(image_server, range(24))
     for size in (12, 24):
         meta = train_version(settings, starting, fetcher, SessionInputs("1", "shapes", LABELS, "masks"), records[:size], 30)
-    assert meta["name"] == "shapes-v2" and meta["task"] == "masks" and meta["arch"] == "maskrcnn_lite0_fpn"
+    assert meta["name"] == "shapes-v2" and meta["task"] == "masks" and meta["arch"] == "maskrcnn_lite0_slim"
     store = VersionStore(tmp_path, "1")
     assert isinstance(store.meta("shapes-v1").get("quality"), float)  # scored with mask IoU on new images
     model = model_from_version(*store.load("shapes-v2"), min_size=128)
@@ -384,7 +384,7 @@ def test_predict_route_serves_a_published_mask_version_and_health_names_the_mask
                               score_threshold=0.0, image_url_allowlist="127.0.0.1"))
     client = app.test_client()
     mask_model = client.get("/health").get_json()["mask_model"]
-    assert (mask_model["model_class"], mask_model["weights_source"]) == ("maskrcnn_lite0_fpn", "imagenet-lite0")
+    assert (mask_model["model_class"], mask_model["weights_source"]) == ("maskrcnn_lite0_slim", "imagenet-lite0")
     torch.manual_seed(0)
     starting = app.extensions["livetrain"].starting_for("masks")
     VersionStore(tmp_path, "7").publish(starting.build(3).state_dict(),
@@ -447,7 +447,7 @@ def test_config_switch_from_rectangles_to_polygons_through_the_training_job(tmp_
                                                               '<RectangleLabels name="label" model_skip="true"')
         second = _train_locked(settings, connection, state, str(project))
         meta = store.meta(second["published"])
-        assert (meta["task"], meta["arch"], meta["images"]) == ("masks", "maskrcnn_lite0_fpn", 3)
+        assert (meta["task"], meta["arch"], meta["images"]) == ("masks", "maskrcnn_lite0_slim", 3)
         assert store.meta(second["versions"][0])["parent"] is None  # the session's first mask version: a new model
         assert TrainingSet(settings.model_dir, str(project)).task == "masks"
         with pytest.raises(BadRequest, match="predicts boxes"):

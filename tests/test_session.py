@@ -106,6 +106,18 @@ def test_versions_publish_the_average_of_the_weights_and_ema_decay_0_the_raw_one
     assert not torch.equal(state[head], session.model.state_dict()[head])  # the average, not the last step
 
 
+def test_rois_per_image_reaches_the_training_model_and_0_keeps_the_architectures(tmp_path):
+    starting = None
+    sampled = {}
+    for rois in (0, 256):
+        settings = settings_for(tmp_path / str(rois), rois_per_image=rois)
+        starting = starting or resolve_starting_weights(settings.model_arch, download=False)
+        session = TrainingSession(settings, starting, ImageFetcher(settings), SessionInputs("1", "p", LABELS),
+                                  torch.device("cpu"))
+        sampled[rois] = session.model.roi_heads.fg_bg_sampler.batch_size_per_image
+    assert sampled == {0: 128, 256: 256}  # Lite0's own 128, or the setting
+
+
 def test_session_publishes_what_it_trained_on_and_a_checkpoint_resumes_it(tmp_path, image_server):
     settings = settings_for(tmp_path, full_after=5)
     starting = resolve_starting_weights(settings.model_arch, download=False)

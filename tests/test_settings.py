@@ -24,6 +24,7 @@ def test_defaults_and_env_parsing():
     ({"SCORE_THRESHOLD": "2"}, "SCORE_THRESHOLD"),
     ({"MASK_MIN_PART": "1.5"}, "MASK_MIN_PART"),
     ({"POLYGON_TOTAL_POINTS": "2"}, "POLYGON_TOTAL_POINTS"),
+    ({"ROIS_PER_IMAGE": "-1"}, "ROIS_PER_IMAGE"),
 ])
 def test_invalid_settings_name_the_variable(env, word):
     with pytest.raises(ValueError) as err:

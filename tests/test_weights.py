@@ -74,7 +74,7 @@ def test_mask_projects_get_their_own_starting_weights(tmp_path):
     passed over (the log says why) for box projects; a COCO ResNet-50 Mask R-CNN with no file falls back to
     random init with a hint."""
     masks = resolve_starting_weights("auto", download=False, task="masks")
-    assert (masks.arch, masks.source, masks.task) == ("maskrcnn_lite0_fpn", "imagenet-lite0", "masks")
+    assert (masks.arch, masks.source, masks.task) == ("maskrcnn_lite0_slim", "imagenet-lite0", "masks")
     path = tmp_path / "my-mask-model.pth"
     torch.save(build_detector("maskrcnn_lite0_fpn", 4).state_dict(), path)
     from_file = resolve_starting_weights("maskrcnn_lite0_fpn", str(path), download=False, task="masks")
@@ -83,12 +83,13 @@ def test_mask_projects_get_their_own_starting_weights(tmp_path):
     boxes = resolve_starting_weights("auto", str(path), download=False, task="boxes")
     assert (boxes.arch, boxes.source) == ("fasterrcnn_lite0_fpn128", "imagenet-lite0")  # the file was passed over
     coco = resolve_starting_weights("maskrcnn_resnet50_fpn_v2", download=False, task="masks")
-    assert coco.source == "random" and "maskrcnn_lite0_fpn" in coco.warnings[0]
+    assert coco.source == "random" and "maskrcnn_lite0_slim" in coco.warnings[0]
     with pytest.raises(ValueError, match="boxes architecture"):
         resolve_starting_weights("fasterrcnn_lite0_fpn", task="masks")
 
 
-@pytest.mark.parametrize("arch,task", [("fasterrcnn_lite0_slim", "boxes"), ("maskrcnn_lite0_slim", "masks")])
+@pytest.mark.parametrize("arch,task", [("fasterrcnn_lite0_slim", "boxes"), ("maskrcnn_lite0_slim", "masks"),
+                                       ("maskrcnn_lite0_fpn128", "masks")])
 def test_slim_lite0_starts_from_the_offline_imagenet_body(arch, task):
     weights = resolve_starting_weights(arch, download=False, task=task)
     assert (weights.arch, weights.source) == (arch, "imagenet-lite0") and not weights.warnings

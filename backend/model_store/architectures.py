@@ -54,16 +54,21 @@ MASK_LITE0 = "maskrcnn_lite0_fpn"  # the same backbone with torchvision's mask h
 # pretrained knowledge, and at full width they cost several times the body on a CPU (scripts/bench_arch.py).
 # LITE0_FPN128 (128-channel FPN and RPN head, torchvision's box head) is the offline box default: 0.56x the forward,
 # 0.58-0.91x the step, at the same few-shot accuracy (docs/benchmarks.md). Slim also narrows the box and mask heads: faster
-# still, but it loses tight boxes, so it is opt-in. Versions keep their architecture (meta "arch").
+# still, but it loses tight boxes, so it is opt-in for boxes; for masks it is the default. Versions keep their
+# architecture (meta "arch").
 LITE0_FPN128 = "fasterrcnn_lite0_fpn128"
 LITE0_SLIM = "fasterrcnn_lite0_slim"
+MASK_LITE0_FPN128 = "maskrcnn_lite0_fpn128"  # the box default's FPN and RPN head, with the default mask head
 MASK_LITE0_SLIM = "maskrcnn_lite0_slim"
 _LITE0_BUILDERS = {LITE0: build_lite0_fasterrcnn, MASK_LITE0: build_lite0_maskrcnn,
                    LITE0_FPN128: partial(build_lite0_fasterrcnn, **FPN128),
                    LITE0_SLIM: partial(build_lite0_fasterrcnn, **SLIM),
+                   MASK_LITE0_FPN128: partial(build_lite0_maskrcnn, **FPN128),
                    MASK_LITE0_SLIM: partial(build_lite0_maskrcnn, **SLIM, mask_head_channels=SLIM_MASK_HEAD)}
-ARCHITECTURES = (*_TORCHVISION, LITE0, MASK_LITE0, LITE0_FPN128, LITE0_SLIM, MASK_LITE0_SLIM)
-OFFLINE = {"boxes": LITE0_FPN128, "masks": MASK_LITE0}  # the pretrained choice that needs no download, per task kind
+ARCHITECTURES = (*_TORCHVISION, LITE0, MASK_LITE0, LITE0_FPN128, LITE0_SLIM, MASK_LITE0_FPN128, MASK_LITE0_SLIM)
+# the pretrained choice that needs no download, per task kind. Masks: slim, whose steps at 0.52x and forward at 0.44x
+# buy a live facades session more steps, an earlier first pre-label and better ones (docs/segmentation.md).
+OFFLINE = {"boxes": LITE0_FPN128, "masks": MASK_LITE0_SLIM}
 
 
 def task_of(arch: str) -> str:

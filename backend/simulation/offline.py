@@ -32,7 +32,7 @@ from backend.model_store.weights import StartingWeights, StartingWeightsByTask
 from backend.settings import Settings
 from backend.training.coco import CocoImage, ring_to_percent
 from backend.training.engine import CallbackHook, TrainState, amp_scaler, sgd, train_steps, warmup_cosine
-from backend.training.modes import apply_mode, body_trainable, choose_mode, working_limit
+from backend.training.modes import apply_mode, body_trainable, choose_mode, set_rois_per_image, working_limit
 from backend.training.transforms import augment, drop_degenerate, scale_jitter
 from backend.training.validation import evaluate_model
 
@@ -111,21 +111,24 @@ class Examples:
 
 def train_offline(settings: Settings, starting: StartingWeights, images: list[CocoImage], classes: tuple[str, ...],
                   total_steps: int, device: torch.device | str = "cpu", seed: int = 0,
-                  per_ring: bool = True) -> torch.nn.Module:
+                  per_ring: bool = True, adjust=None) -> torch.nn.Module:
     """``total_steps`` optimizer steps on ``images`` (labels index ``classes``, 1-based) from ``starting``
     with a fresh head, as a live session trains: SGD with warm-up and cosine decay, the mode
     ``choose_mode`` picks for this many images, flips / colour / scale jitter, images at the working size.
-    ``settings`` gives learning_rate, batch_size, min_size, train_mode and full_after. Seeds Python's and
-    torch's global generators (the augmentation and the head's initialisation use them). ``per_ring``: see
-    ``mask_target``."""
+    ``settings`` gives learning_rate, batch_size, min_size, rois_per_image, train_mode and full_after. Seeds
+    Python's and torch's global generators (the augmentation and the head's initialisation use them). ``per_ring``: see
+    ``mask_target``. ``adjust(model)``, if given, changes the built model before training (a benchmark's lever)."""
     random.seed(seed)
     torch.manual_seed(seed)
     device = torch.device(device)
     model = model_for_round(starting, None, tuple(classes), settings.min_size).to(device)
+    if adjust is not None:
+        adjust(model)
     mode = choose_mode(settings, len(images))
     apply_mode(model, mode, body_trainable(model))  # body_trainable first: apply_mode changes what it reads
     base_size = model.transform.min_size[0]
     scale_jitter(model, base_size)
+    set_rois_per_image(model, settings.rois_per_image)
     examples = Examples(images, working_limit(model), starting.task, per_ring)
     optimizer = sgd(model, settings.learning_rate)
     warmup = min(10, total_steps // 5)

@@ -29,3 +29,10 @@ def body_trainable(model: torch.nn.Module) -> set[str]:
 def working_limit(model: torch.nn.Module) -> tuple[int, int]:
     """The largest (shorter, longer) image side ``model`` uses, over all its training scales."""
     return max(model.transform.min_size), model.transform.max_size
+
+
+def set_rois_per_image(model: torch.nn.Module, rois: int) -> None:
+    """RoIs sampled per image for the RoI heads' losses (training only; 0 keeps the architecture's). Not saved in a
+    version's weights: each session sets it."""
+    if rois:
+        model.roi_heads.fg_bg_sampler.batch_size_per_image = rois

@@ -41,7 +41,7 @@ from backend.training.data import ExampleCache, class_objects
 from backend.training.ema import ModelEma
 from backend.training.engine import amp_scaler, sgd, train_step
 from backend.training.guard import Guard, Verdict
-from backend.training.modes import apply_mode, body_trainable, choose_mode, working_limit
+from backend.training.modes import apply_mode, body_trainable, choose_mode, set_rois_per_image, working_limit
 from backend.training.sampler import LiveSampler
 from backend.training.scoring import score_image
 from backend.training.transforms import augment, scale_jitter
@@ -105,6 +105,7 @@ class TrainingSession:
         self.served_classes = tuple(meta.get("classes", ()))
         self.active_name = self.parent  # the version served (and trained on from): the guard may hold new ones back
         scale_jitter(self.model, self.base_size)
+        set_rois_per_image(self.model, settings.rois_per_image)
         # what versions publish: the average of the recent steps' weights (training.ema); None with EMA_DECAY=0
         self.ema = ModelEma(self.model, settings.ema_decay) if settings.ema_decay else None
         if self.ema is not None:
