@@ -8,16 +8,16 @@ Each variant trains a Mask R-CNN from the offline ImageNet Lite0 weights on the 
 images with the live recipe (``backend.simulation.offline.train_offline``: SGD, warm-up + cosine, augmentation,
 the mode live training would pick, the same seed, so the same batches), then scores box and segm mAP on the first
 ``--test-images`` test images and times the forward on ``--forward-images`` of them (median, after a warm-up).
-A variant is ``base`` (today's default: maskrcnn_lite0_fpn, 320 px, 128 RoIs per image, 14 px mask RoIs) or
-comma-separated overrides of it:
+A variant is ``base`` (``--base-arch``, maskrcnn_lite0_fpn, the mask default when this was first run; 320 px, 128
+RoIs per image, 14 px mask RoIs) or comma-separated overrides of it:
 
 - ``min_size=N``: the working size (MIN_SIZE), for the small windows of 640 px facades;
 - ``rois=N``: RoIs sampled per image for the box and mask losses (a quarter of them may be objects: with 128
   and ~35 objects per facade, not every object teaches the mask head in a step);
 - ``mask_res=N``: the mask head's RoI size (torchvision's 14; its masks are twice that);
 - ``arch=NAME``: another mask architecture (e.g. maskrcnn_lite0_slim: narrower FPN, box and mask heads);
-- ``steps=N``: its own step budget (a slower lever, given the steps that fit in the base's wall time, says
-  whether it pays for itself live).
+- ``steps=N``: its own step budget (a slower lever, given about the steps that fit in the base's wall time,
+  says whether it pays for itself live).
 
 Afterwards the base model's masks on the test images are turned into polygons with several POLYGON_TOLERANCE /
 POLYGON_MAX_POINTS pairs: points per object against the IoU of the polygon with the mask it came from.
@@ -123,6 +123,7 @@ def main() -> int:
     parser.add_argument("--forward-images", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base-arch", default="maskrcnn_lite0_fpn", help="the base variant's mask architecture")
     parser.add_argument("--variants", nargs="+",
                         default=["base", "min_size=480", "rois=256", "mask_res=28", "arch=maskrcnn_lite0_slim"])
     parser.add_argument("--out", type=Path, default=None)
@@ -132,8 +133,7 @@ def main() -> int:
     train = [im for im in images if im.split == "train" and im.has_polygons][: args.images]
     test = [im for im in images if im.split == "test"][: args.test_images]
     settings = Settings.from_env({"DOWNLOAD_WEIGHTS": "false"})
-    default_arch = StartingWeightsByTask(settings)("masks").arch
-    base = {"min_size": 320, "steps": args.steps, "rois": 128, "mask_res": 14, "arch": default_arch}
+    base = {"min_size": 320, "steps": args.steps, "rois": 128, "mask_res": 14, "arch": args.base_arch}
     rows, trade = [], []
     for text in args.variants:
         variant = parse_variant(text, base)

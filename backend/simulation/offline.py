@@ -246,7 +246,8 @@ def live_vs_offline(model_dir: Path, project: str | int, settings: Settings, ann
         learning_rate=float(live_settings.get("learning_rate", settings.learning_rate)),
         batch_size=int(live_settings.get("batch_size", settings.batch_size)),
         train_mode=live_settings.get("train_mode", settings.train_mode),
-        full_after=int(live_settings.get("full_after", settings.full_after)))
+        full_after=int(live_settings.get("full_after", settings.full_after)),
+        rois_per_image=int(live_settings.get("rois_per_image", settings.rois_per_image)))
     began = time.monotonic()
     report["mode"] = choose_mode(offline_settings, len(trained))
     model = train_offline(offline_settings, starting, trained, tuple(classes), report["total_steps"], device, seed,

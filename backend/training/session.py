@@ -318,7 +318,7 @@ class TrainingSession:
                          "train_mode": self.settings.train_mode, "new_fraction": self.settings.new_fraction,
                          "min_size": self.base_size, "full_after": self.settings.full_after,
                          "warmup_steps": self.settings.warmup_steps, "decay_steps": self.settings.decay_steps,
-                         "ema_decay": self.settings.ema_decay},
+                         "ema_decay": self.settings.ema_decay, "rois_per_image": self.settings.rois_per_image},
             "starting_weights": self.starting_source,
         }
         try:
