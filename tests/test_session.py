@@ -83,15 +83,19 @@ def test_the_moving_average_ramps_in_then_averages_and_leaves_integer_tensors_al
     assert again.updates == 1 and torch.equal(again.module.weight, ema.module.weight)
 
 
+def new_session(model_dir, **settings) -> TrainingSession:
+    """A fresh box session on the offline starting weights, with ``settings`` over the test defaults."""
+    settings = settings_for(model_dir, **settings)
+    starting = resolve_starting_weights(settings.model_arch, download=False)
+    return TrainingSession(settings, starting, ImageFetcher(settings), SessionInputs("1", "p", LABELS),
+                           torch.device("cpu"))
+
+
 def test_versions_publish_the_average_of_the_weights_and_ema_decay_0_the_raw_ones(tmp_path, image_server):
-    starting = None
     records = records_for(image_server, range(4))
     published = {}
     for decay in (0.95, 0.0):
-        settings = settings_for(tmp_path / str(decay), ema_decay=decay)
-        starting = starting or resolve_starting_weights(settings.model_arch, download=False)
-        session = TrainingSession(settings, starting, ImageFetcher(settings), SessionInputs("1", "p", LABELS),
-                                  torch.device("cpu"))
+        session = new_session(tmp_path / str(decay), ema_decay=decay)
         session.update(records)
         session.train(3)
         state, meta = session.store.load(session.publish())
@@ -107,13 +111,9 @@ def test_versions_publish_the_average_of_the_weights_and_ema_decay_0_the_raw_one
 
 
 def test_rois_per_image_reaches_the_training_model_and_0_keeps_the_architectures(tmp_path):
-    starting = None
     sampled = {}
     for rois in (0, 256):
-        settings = settings_for(tmp_path / str(rois), rois_per_image=rois)
-        starting = starting or resolve_starting_weights(settings.model_arch, download=False)
-        session = TrainingSession(settings, starting, ImageFetcher(settings), SessionInputs("1", "p", LABELS),
-                                  torch.device("cpu"))
+        session = new_session(tmp_path / str(rois), rois_per_image=rois)
         sampled[rois] = session.model.roi_heads.fg_bg_sampler.batch_size_per_image
     assert sampled == {0: 128, 256: 256}  # Lite0's own 128, or the setting
 
